@@ -1,0 +1,37 @@
+# attncache — everything a newcomer needs is `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO_OUT ?= demo_out
+
+.PHONY: install test test-slow demo bench lint clean
+
+# (Re)install when the venv is missing or pyproject.toml changed since the last install.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m pytest -q -m slow
+
+demo: $(STAMP)
+	$(BIN)/attncache demo --out $(DEMO_OUT)
+
+bench: $(STAMP)
+	$(BIN)/attncache bench extract --teacher demo --data demo --out $(DEMO_OUT)/bench
+
+lint: $(STAMP)
+	$(BIN)/ruff check attncache cli tests benchmarks
+	$(BIN)/ruff format --check attncache cli tests benchmarks
+
+clean:
+	rm -rf $(DEMO_OUT) .pytest_cache

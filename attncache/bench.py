@@ -1,0 +1,150 @@
+"""Measurements behind `attncache bench`: rates of the extraction stages, measured in one run on one device.
+
+Extraction overlaps the teacher with encoding and writing, so its ideal rate is bounded by
+  min(teacher, encode+write)              when they run on separate resources (GPU teacher, CPU compressor);
+  1 / (1/teacher + 1/encode+write)        when they share the same CPU cores.
+`efficiency` = measured extraction rate / that bound (the goal is >= 0.85).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .capture import AttentionCapture, parse_layers
+from .codecs import get_codec
+from .data import open_image, open_source
+from .extract import ExtractConfig, extract
+from .store import WRITERS
+from .teachers import build_teacher
+from .views import ViewPolicy, render
+
+
+@dataclass
+class ExtractBench:
+    teacher: str = "demo"
+    data: str = "demo"
+    out: str = "bench_out"
+    batch_size: int = 32
+    device: str = "cpu"
+    weights: str | None = None
+    image_size: int | None = None
+    teacher_args: dict = field(default_factory=dict)
+    format: str = "zarr"
+    codec: str = "fp16"
+    layers: str = "all"
+    limit: int | None = None
+    repeats: int = 3
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best_rate(fn, n: int, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return n / best
+
+
+def bench_extract(b: ExtractBench) -> dict:
+    device = torch.device(b.device)
+    model, spec = build_teacher(b.teacher, image_size=b.image_size, weights=b.weights,
+                                pretrained=b.weights is None, teacher_args=b.teacher_args, device=device)
+    layers = parse_layers(b.layers, spec.depth)
+    source = open_source(b.data, limit=b.limit)
+    samples = source.scan()
+    policy = ViewPolicy(views_per_image=1)
+    images = dict(source.iter_bytes(range(len(samples))))
+    pixels = torch.stack([render(open_image(images[i], s.key), policy.draw(s.key, s.width, s.height)[0],
+                                 spec.image_size, spec.interpolation, spec.mean, spec.std)
+                          for i, s in enumerate(samples)])
+    batches = [pixels[i:i + b.batch_size].to(device) for i in range(0, len(pixels), b.batch_size)]
+    n = len(pixels)
+
+    @torch.no_grad()
+    def teacher_only():
+        for x in batches:
+            model.forward_features(x)
+        _sync(device)
+
+    capture = AttentionCapture(model, layers, "probs")
+
+    def teacher_capture():
+        for x in batches:
+            capture(x)
+        _sync(device)
+
+    teacher_only()  # warm-up
+    teacher_rate = _best_rate(teacher_only, n, b.repeats)
+    capture_rate = _best_rate(teacher_capture, n, b.repeats)
+
+    # encode + write alone, from maps already in memory
+    codec = get_codec(b.codec)
+    maps = [capture(x).cpu() for x in batches]
+    fields = codec.fields(tuple(maps[0].shape[1:]))
+    work = Path(tempfile.mkdtemp(prefix="attncache-bench-"))
+
+    def encode_write():
+        root = work / f"ew-{time.perf_counter_ns()}"
+        writer = WRITERS[b.format](root, fields, codec.compressor(), n, b.batch_size)
+        for i, m in enumerate(maps):
+            writer.write_shard(i, codec.encode(m), [{}] * len(m))
+        shutil.rmtree(root)
+
+    encode_write_rate = _best_rate(encode_write, n, b.repeats)
+    stored = _stored_bytes_per_view(codec, fields, maps, b.format, work, n, b.batch_size)
+
+    # the full pipeline (views rendered from source bytes, teacher, encode, write), as `attncache extract` runs it
+    best = 0.0
+    for r in range(b.repeats):
+        stats: dict = {}
+        out = Path(b.out) / f"extract-{r}"
+        shutil.rmtree(out, ignore_errors=True)
+        extract(ExtractConfig(teacher=b.teacher, data=b.data, out=str(out), format=b.format, codec=b.codec,
+                              layers=b.layers, batch_size=b.batch_size, device=b.device, weights=b.weights,
+                              pretrained=b.weights is None, image_size=b.image_size, teacher_args=b.teacher_args,
+                              records_per_shard=b.batch_size, progress=False,
+                              limit=b.limit), stats=stats)
+        best = max(best, stats["records"] / stats["pipeline_s"])
+        shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+    shared = device.type == "cpu"
+    bound = 1 / (1 / teacher_rate + 1 / encode_write_rate) if shared else min(teacher_rate, encode_write_rate)
+    raw = int(np.prod(maps[0].shape[1:])) * 2
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "teacher": spec.model, "tokens": spec.num_tokens, "layers": len(layers), "views": n,
+        "batch_size": b.batch_size, "format": b.format, "codec": b.codec,
+        "teacher_views_per_s": round(teacher_rate, 2),
+        "teacher_with_capture_views_per_s": round(capture_rate, 2),
+        "encode_write_views_per_s": round(encode_write_rate, 2),
+        "extract_views_per_s": round(best, 2),
+        "bound_rule": "harmonic (shared CPU cores)" if shared else "min (GPU teacher, CPU encoder)",
+        "bound_views_per_s": round(bound, 2),
+        "efficiency": round(best / bound, 3),
+        "extract_vs_plain_inference": round(best / teacher_rate, 3),
+        "raw_fp16_bytes_per_view": raw,
+        "stored_bytes_per_view": round(stored, 1),
+        "ratio_vs_raw_fp16": round(raw / stored, 3),
+    }
+
+
+def _stored_bytes_per_view(codec, fields, maps, fmt, work: Path, n: int, per_shard: int) -> float:
+    root = work / "size"
+    writer = WRITERS[fmt](root, fields, codec.compressor(), n, per_shard)
+    for i, m in enumerate(maps):
+        writer.write_shard(i, codec.encode(m), [{}] * len(m))
+    total = sum(f.stat().st_size for p in range(len(maps)) for f in [root / q for q in writer.shard_paths(p)])
+    return total / n

@@ -1,0 +1,88 @@
+"""Per-layer attention of a timm ViT in one forward.
+
+Hooks on each captured block's `attn.q_norm` / `attn.k_norm` (identity unless qk-norm is on) see q and k exactly as
+timm's attention uses them; the logits are then formed with timm's own explicit-path formula
+`(q * scale) @ kᵀ`. The model itself keeps its fast fused attention for the rest of the block, and the forward stops
+after the last captured layer (later layers cannot change earlier maps).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .errors import AttncacheError
+
+PAYLOADS = ("probs", "logits")
+
+
+def parse_layers(spec: str | Sequence[int] | None, depth: int) -> list[int]:
+    """`all`, `reference` (the first depth-3, as the attention-transfer reference code runs), `0,1,5`, `0-8`."""
+    if spec is None or spec == "all":
+        return list(range(depth))
+    if spec == "reference":
+        return list(range(max(1, depth - 3)))
+    if isinstance(spec, str):
+        layers: list[int] = []
+        for part in spec.split(","):
+            part = part.strip()
+            try:
+                if "-" in part:
+                    lo, hi = (int(p) for p in part.split("-", 1))
+                    layers.extend(range(lo, hi + 1))
+                else:
+                    layers.append(int(part))
+            except ValueError as exc:
+                raise AttncacheError(f"--layers {spec!r}: expected all, reference, or indices like 0,1,4-8") from exc
+    else:
+        layers = [int(i) for i in spec]
+    bad = [i for i in layers if not 0 <= i < depth]
+    if bad or not layers:
+        raise AttncacheError(f"--layers {spec!r}: layer indices must lie in 0..{depth - 1} (got {bad or 'none'})")
+    return sorted(set(layers))
+
+
+class AttentionCapture:
+    """Call with a batch of images; returns (B, L, H, N, N) float32 maps of the chosen layers.
+
+    payload "logits": pre-softmax `(q·scale) kᵀ`; "probs": their softmax (what copy/distill consume).
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[int], payload: str = "probs"):
+        if payload not in PAYLOADS:
+            raise AttncacheError(f"--payload {payload!r}: expected one of {PAYLOADS}")
+        self.model, self.layers, self.payload = model, list(layers), payload
+        self._q: torch.Tensor | None = None
+        self._maps: list[torch.Tensor] = []
+        for layer in self.layers:
+            attn = model.blocks[layer].attn
+            attn.q_norm.register_forward_hook(self._keep_q)
+            attn.k_norm.register_forward_hook(self._make_map_hook(attn.scale))
+
+    def _keep_q(self, module, inputs, q):
+        self._q = q
+
+    def _make_map_hook(self, scale: float):
+        def hook(module, inputs, k):
+            # Same operations, same order as timm's non-fused path: bit-identical logits in fp32.
+            q = self._q.float() * scale
+            logits = q @ k.float().transpose(-2, -1)
+            self._maps.append(logits.softmax(dim=-1) if self.payload == "probs" else logits)
+            self._q = None
+
+        return hook
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        self._maps = []
+        last = self.layers[-1]
+        if hasattr(self.model, "forward_intermediates"):
+            self.model.forward_intermediates(images, indices=[last], stop_early=True, intermediates_only=True)
+        else:
+            self.model.forward_features(images)
+        maps, self._maps = self._maps, []
+        if len(maps) != len(self.layers):
+            raise RuntimeError(f"captured {len(maps)} attention maps, expected {len(self.layers)}")
+        return torch.stack(maps, dim=1)

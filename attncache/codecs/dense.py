@@ -1,0 +1,52 @@
+"""Dense codecs: the maps as they are, in fp16 (the lossless-enough baseline) or fp32 (exact), blosc-compressed.
+
+Blosc with zstd and byte shuffle groups the high and low bytes of the fp16 values, which compress very differently:
+measured on real DINOv2-S maps it beats plain zstd (1.30x vs 1.18x, FACTS.md).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .base import Codec, FieldSpec, register_codec
+
+_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
+
+
+class DenseCodec(Codec):
+    dtype: str = ""
+
+    def __init__(self, cname: str = "zstd", clevel: int = 3, shuffle: str = "shuffle"):
+        if shuffle not in _SHUFFLE:
+            raise ValueError(f"shuffle must be one of {sorted(_SHUFFLE)}")
+        super().__init__(cname=cname, clevel=int(clevel), shuffle=shuffle)
+
+    def fields(self, map_shape):
+        return {"maps": FieldSpec(tuple(map_shape), self.dtype)}
+
+    def compressor(self) -> dict:
+        p = self.params
+        return {"id": "blosc", "cname": p["cname"], "clevel": p["clevel"], "shuffle": _SHUFFLE[p["shuffle"]],
+                "blocksize": 0, "typesize": np.dtype(self.dtype).itemsize}
+
+    def encode(self, maps: torch.Tensor) -> dict[str, np.ndarray]:
+        torch_dtype = getattr(torch, self.dtype)
+        return {"maps": maps.detach().to(torch_dtype).cpu().numpy()}
+
+    def decode(self, fields):
+        return fields["maps"].float()
+
+
+@register_codec
+class Fp16Codec(DenseCodec):
+    name = "fp16"
+    dtype = "float16"
+    lossless = False  # exact for what a student consumes in practice; relative error <= 2^-11
+
+
+@register_codec
+class Fp32Codec(DenseCodec):
+    name = "fp32"
+    dtype = "float32"
+    lossless = True
