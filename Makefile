@@ -31,7 +31,6 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check attncache cli tests benchmarks
-	$(BIN)/ruff format --check attncache cli tests benchmarks
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

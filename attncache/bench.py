@@ -124,7 +124,8 @@ def bench_extract(b: ExtractBench) -> dict:
     bound = 1 / (1 / teacher_rate + 1 / encode_write_rate) if shared else min(teacher_rate, encode_write_rate)
     raw = int(np.prod(maps[0].shape[1:])) * 2
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu ({torch.get_num_threads()} threads)"),
         "teacher": spec.model, "tokens": spec.num_tokens, "layers": len(layers), "views": n,
         "batch_size": b.batch_size, "format": b.format, "codec": b.codec,
         "teacher_views_per_s": round(teacher_rate, 2),

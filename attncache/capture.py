@@ -1,9 +1,12 @@
 """Per-layer attention of a timm ViT in one forward.
 
-Hooks on each captured block's `attn.q_norm` / `attn.k_norm` (identity unless qk-norm is on) see q and k exactly as
-timm's attention uses them; the logits are then formed with timm's own explicit-path formula
-`(q * scale) @ kᵀ`. The model itself keeps its fast fused attention for the rest of the block, and the forward stops
-after the last captured layer (later layers cannot change earlier maps).
+- payload "probs": the captured blocks run timm's own explicit attention path (`fused_attn = False`), and a
+  pre-hook on `attn.attn_drop` takes the softmax the block computes anyway: each map is computed once, and it is
+  by construction the map the block multiplies with V.
+- payload "logits": hooks on `attn.q_norm` / `attn.k_norm` (identity unless qk-norm is on) see q and k as the
+  block uses them; the logits are formed with timm's explicit-path formula `(q * scale) @ kᵀ`.
+
+The forward stops after the last captured layer (later layers cannot change earlier maps).
 """
 
 from __future__ import annotations
@@ -58,18 +61,24 @@ class AttentionCapture:
         self._maps: list[torch.Tensor] = []
         for layer in self.layers:
             attn = model.blocks[layer].attn
-            attn.q_norm.register_forward_hook(self._keep_q)
-            attn.k_norm.register_forward_hook(self._make_map_hook(attn.scale))
+            if payload == "probs":
+                attn.fused_attn = False
+                attn.attn_drop.register_forward_pre_hook(self._keep_probs)
+            else:
+                attn.q_norm.register_forward_hook(self._keep_q)
+                attn.k_norm.register_forward_hook(self._make_logits_hook(attn.scale))
+
+    def _keep_probs(self, module, inputs):
+        self._maps.append(inputs[0].float())
 
     def _keep_q(self, module, inputs, q):
         self._q = q
 
-    def _make_map_hook(self, scale: float):
+    def _make_logits_hook(self, scale: float):
         def hook(module, inputs, k):
             # Same operations, same order as timm's non-fused path: bit-identical logits in fp32.
             q = self._q.float() * scale
-            logits = q @ k.float().transpose(-2, -1)
-            self._maps.append(logits.softmax(dim=-1) if self.payload == "probs" else logits)
+            self._maps.append(q @ k.float().transpose(-2, -1))
             self._q = None
 
         return hook

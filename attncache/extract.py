@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,14 +24,27 @@ import numpy as np
 import torch
 
 from . import __version__
-from .capture import AttentionCapture, parse_layers
+from .capture import PAYLOADS, AttentionCapture, parse_layers
 from .codecs import get_codec
-from .data import open_image, open_source
+from .data import IMAGE_EXTENSIONS, open_image, open_source
 from .errors import AttncacheError
 from .store import WRITERS
 from .store.format import (
-    FORMAT_NAME, FORMAT_VERSION, MANIFEST, PLAN, PROGRESS_DIR, SAMPLES, STORE_FORMATS, VIEWS, atomic_write_json,
-    canonical_json, dataset_fingerprint, file_entry, row_of, sample_and_view, sha256_file, validate_manifest,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    PLAN,
+    PROGRESS_DIR,
+    SAMPLES,
+    STORE_FORMATS,
+    VIEWS,
+    atomic_write_json,
+    canonical_json,
+    dataset_fingerprint,
+    file_entry,
+    sample_and_view,
+    sha256_file,
+    validate_manifest,
     write_jsonl,
 )
 from .teachers import build_teacher
@@ -103,6 +117,11 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, s
         "store": {"format": cfg.format, "records": records, "records_per_shard": min(per_shard, records),
                   "embed_images": cfg.embed_images},
     }
+    _check_same_plan(out, plan)
+    if (finished := _finished_manifest(out)) is not None:  # same plan, every file intact: nothing to do
+        if stats is not None:
+            stats.update(pipeline_s=0.0, records=0)
+        return finished
     _claim_out(out, plan)
     write_jsonl(out / SAMPLES, samples)
     write_jsonl(out / VIEWS, [_view_record(r, len(samples), views[r]) for r in range(records)])
@@ -133,6 +152,7 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, s
     }
     validate_manifest(manifest)
     atomic_write_json(out / MANIFEST, manifest)
+    shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)  # a finished cache carries no resume state
     return manifest
 
 
@@ -152,6 +172,8 @@ def _check_options(cfg: ExtractConfig) -> None:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise AttncacheError(f"--device {cfg.device}: CUDA is not available on this machine")
     get_codec(cfg.codec, **cfg.codec_params)
+    if cfg.payload not in PAYLOADS:
+        raise AttncacheError(f"--payload {cfg.payload!r}: expected one of {PAYLOADS}")
 
 
 def _default_records_per_shard(record_bytes: int) -> int:
@@ -171,8 +193,8 @@ def _check_out_is_free(out: Path) -> None:
         raise AttncacheError(f"--out {out}: directory is not empty and holds no attncache cache")
 
 
-def _claim_out(out: Path, plan: dict) -> None:
-    """Record the plan, or check that an existing (partial or complete) cache was made by the same plan."""
+def _check_same_plan(out: Path, plan: dict) -> None:
+    """An existing (partial or complete) cache in `out` must have been made by the same plan."""
     existing = None
     for name in (PLAN, MANIFEST):
         if (out / name).exists():
@@ -189,8 +211,34 @@ def _claim_out(out: Path, plan: dict) -> None:
         if old_store != plan["store"]:
             raise AttncacheError(f"--out {out}: holds a different cache (store differs: {old_store} vs "
                                  f"{plan['store']}); choose another --out")
+
+
+def _claim_out(out: Path, plan: dict) -> None:
+    """Record the plan for resumption. A damaged finished cache is reopened: its manifest's shard entries become
+    completion markers again (intact shards are kept) and the manifest goes until the repair is complete."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / PLAN, plan)
+    if (out / MANIFEST).exists():
+        for shard in json.loads((out / MANIFEST).read_text())["store"]["shards"]:
+            if not _marker(out, shard["index"]).exists():
+                atomic_write_json(_marker(out, shard["index"]), {"files": shard["files"]})
+        (out / MANIFEST).unlink()
+
+
+def _finished_manifest(out: Path) -> dict | None:
+    """The manifest of a finished cache (whose plan `_claim_out` matched) if every file it lists is intact."""
+    if not (out / MANIFEST).exists():
+        return None
+    try:
+        manifest = validate_manifest(json.loads((out / MANIFEST).read_text()))
+    except (OSError, json.JSONDecodeError, AttncacheError):
+        return None
+    store = manifest["store"]
+    entries = [f for s in store["shards"] for f in s["files"]] + store.get("metadata_files", [])
+    entries += list(manifest["files"].values())
+    intact = all((out / f["path"]).is_file() and (out / f["path"]).stat().st_size == f["bytes"]
+                 and sha256_file(out / f["path"]) == f["sha256"] for f in entries)
+    return manifest if intact else None
 
 
 def _marker(out: Path, shard: int) -> Path:
@@ -216,6 +264,16 @@ def _shard_entry(out: Path, shard: int, per_shard: int, records: int) -> dict:
     files = json.loads(_marker(out, shard).read_text())["files"]
     first = shard * per_shard
     return {"index": shard, "first_record": first, "records": min(per_shard, records - first), "files": files}
+
+
+def _image_ext(key: str, data: bytes) -> str:
+    """Tar member extension of an embedded image: the key's own (ImageFolder), else the decoded format's
+    (webdataset keys carry no extension, and may contain '/' or '.')."""
+    name = key.rsplit("/", 1)[-1]
+    if "." in name and f".{name.rsplit('.', 1)[1].lower()}" in IMAGE_EXTENSIONS:
+        return name.rsplit(".", 1)[1].lower()
+    fmt = (open_image(data, key).format or "").lower()
+    return {"jpeg": "jpg", "tiff": "tif"}.get(fmt, fmt) or "img"
 
 
 def _view_record(row: int, num_samples: int, view: View) -> dict:
@@ -303,7 +361,8 @@ def _run_pipeline(cfg, spec, source, samples, views, pending, per_shard, records
     writer_thread.start()
     buffers: dict[int, list] = {}
     device = torch.device(cfg.device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and device.type == "cuda" else contextlib.nullcontext()
+    use_amp = cfg.amp and device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
 
     def flush_batch(batch):
         row_ids = [r for r, _, _ in batch]
@@ -317,7 +376,7 @@ def _run_pipeline(cfg, spec, source, samples, views, pending, per_shard, records
             s = samples[sample_index]
             meta = {"key": s["key"], "view": view, "label": s["label"], "sha256": s["sha256"],
                     **views[row].to_json()}
-            image = (batch[j][2], s["key"].rsplit(".", 1)[-1].lower()) if cfg.embed_images else None
+            image = (batch[j][2], _image_ext(s["key"], batch[j][2])) if cfg.embed_images else None
             buffers.setdefault(shard, []).append((row, {k: v[j] for k, v in encoded.items()}, meta, image))
             if len(buffers[shard]) == shard_rows[shard]:
                 items = sorted(buffers.pop(shard), key=lambda t: t[0])

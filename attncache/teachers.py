@@ -129,7 +129,7 @@ def build_teacher(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # a random-init teacher (tests, demo) is the same teacher on every run
             model = timm.create_model(model_name, pretrained=use_hub, num_classes=0, **args)
-    except (OSError, RuntimeError, ValueError) as exc:  # hub unreachable, bad kwargs, image size not divisible...
+    except (OSError, RuntimeError, ValueError, TypeError) as exc:  # hub unreachable, bad kwargs (TypeError)...
         hint = " (offline? pass --weights FILE)" if use_hub else ""
         raise AttncacheError(f"cannot build teacher {model_name!r} with {args}: {exc}{hint}") from exc
     _check_is_vit(model, model_name)
@@ -159,6 +159,9 @@ def describe(model: nn.Module, model_name: str, weights_source: str, model_args:
     image_size = model.patch_embed.img_size
     if grid[0] != grid[1] or patch[0] != patch[1] or image_size[0] != image_size[1]:
         raise AttncacheError(f"teacher {model_name!r}: only square images and patches are supported")
+    if image_size[0] % patch[0]:  # timm's patch conv would silently drop the remainder pixels
+        raise AttncacheError(f"teacher {model_name!r}: image size {image_size[0]} is not a multiple of its "
+                             f"patch size {patch[0]}")
     prefix = int(getattr(model, "num_prefix_tokens", 1))
     return TeacherSpec(
         model=model_name,
@@ -218,11 +221,21 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
 
     state = read_state_dict(path)
     state = {k: v for k, v in state.items() if not k.startswith(_IGNORED_PREFIXES)}
+    # timm's filter would silently resample a patch embedding of another patch size: that is another teacher.
+    theirs, ours = state.get("patch_embed.proj.weight"), model.patch_embed.proj.weight
+    if theirs is not None and tuple(theirs.shape) != tuple(ours.shape):
+        raise AttncacheError(f"--weights {path}: does not match the teacher: patch embedding "
+                             f"{tuple(theirs.shape)} vs {tuple(ours.shape)} (another patch size or width?)")
     try:
         state = checkpoint_filter_fn(state, model)  # timm's own remapping (pos-embed resize, original layouts)
     except Exception as exc:  # noqa: BLE001
         raise AttncacheError(f"--weights {path}: does not fit {type(model).__name__}: {exc}") from exc
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches raise even with strict=False
+        detail = " ".join(str(exc).split())
+        raise AttncacheError(f"--weights {path}: does not match the teacher architecture "
+                             f"({detail[:300]}{'...' if len(detail) > 300 else ''})") from exc
     missing = [k for k in missing if not k.startswith(_IGNORED_PREFIXES)]
     if missing or unexpected:
         raise AttncacheError(

@@ -26,7 +26,10 @@ def verify_cache(root: str, storage_options: dict | None = None, decode: bool = 
     entries = [f for s in m["store"]["shards"] for f in s["files"]]
     entries += m["store"].get("metadata_files", []) + list(m["files"].values())
     for f in entries:
-        size, digest = _hash_remote(f"{cache.root}/{f['path']}", cache.storage_options)
+        try:
+            size, digest = _hash_remote(f"{cache.root}/{f['path']}", cache.storage_options)
+        except OSError as exc:
+            raise CacheFormatError(f"{cache.root}/{f['path']}: missing or unreadable ({exc})") from exc
         if size != f["bytes"] or digest != f["sha256"]:
             raise CacheFormatError(f"{cache.root}/{f['path']}: size/sha256 mismatch with the manifest "
                                    f"({size} bytes, expected {f['bytes']})")

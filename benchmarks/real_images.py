@@ -202,7 +202,7 @@ def write_fashion_mnist(out: Path, split: str = "test", limit: int = 1000, data_
         Image.fromarray(images[index]).save(out / class_name / f"{index:0{width}d}.png")
     counts = np.bincount(labels[:n], minlength=len(FASHION_MNIST_CLASSES))
     print(f"wrote {n} {split} images from {images_path.parent} to {out}")
-    print("  " + ", ".join(f"{c}={k}" for c, k in zip(FASHION_MNIST_CLASSES, counts)))
+    print("  " + ", ".join(f"{c}={k}" for c, k in zip(FASHION_MNIST_CLASSES, counts, strict=True)))
     return n
 
 

@@ -28,7 +28,7 @@ class Split(str, Enum):
 
 
 def _fail(exc: Exception) -> None:
-    typer.echo(f"error: {exc}", err=True)
+    typer.echo("error: " + " ".join(str(exc).split()), err=True)  # one line, even for multi-line causes
     raise typer.Exit(2)
 
 
@@ -128,7 +128,8 @@ def bench_extract(
     repeats: int = typer.Option(3, help="passes per stage; the best is reported"),
 ):
     """Teacher inference rate, encode+write rate and extraction rate, measured in one run."""
-    from attncache.bench import ExtractBench, bench_extract as run
+    from attncache.bench import ExtractBench
+    from attncache.bench import bench_extract as run
 
     try:
         result = run(ExtractBench(

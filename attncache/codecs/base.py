@@ -70,5 +70,5 @@ def get_codec(name: str, **params) -> Codec:
         raise AttncacheError(f"unknown codec {name!r}: available {sorted(CODECS)}")
     try:
         return CODECS[name](**params)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise AttncacheError(f"codec {name!r}: bad parameters {params} ({exc})") from exc

@@ -124,7 +124,10 @@ def _int_in(d: dict, key: str, lo: int, hi: int, where: str) -> int:
 
 
 def validate_manifest(m: dict) -> dict:
-    """Check structure, types and bounds of a manifest; returns it unchanged. Raises CacheFormatError naming the field."""
+    """Check structure, types and bounds of a manifest; returns it unchanged.
+
+    Raises CacheFormatError naming the field at fault.
+    """
     _require(isinstance(m, dict), "not a JSON object")
     _require(m.get("format") == FORMAT_NAME, f"format must be {FORMAT_NAME!r}, got {m.get('format')!r}")
     _require(m.get("version") == FORMAT_VERSION,

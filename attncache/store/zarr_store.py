@@ -52,6 +52,10 @@ class ZarrWriter(StoreWriter):
         return ["zarr.json"] + [f"{name}/zarr.json" for name in self.fields]
 
     def write_shard(self, index, arrays, records, images=None):
+        # zarr reads an existing shard before writing into it (read-modify-write); a stale or damaged shard from
+        # an earlier run must not take part: the shard is rewritten whole.
+        for path in self.shard_paths(index):
+            (self.root / path).unlink(missing_ok=True)
         first = index * self.records_per_shard
         for name, array in self.arrays.items():
             array[first:first + len(records)] = arrays[name]
@@ -76,13 +80,32 @@ class ZarrReader(StoreReader):
                     f"{self.root}/{name}: zarr metadata (shape {array.shape}, dtype {array.dtype}, chunks "
                     f"{array.chunks}, shards {array.shards}) disagrees with the manifest (shape {expected})")
             self.arrays[name] = array
+        self._present: set[int] = set()
+
+    def _check_shards_exist(self, rows) -> None:
+        """zarr reads a missing shard file as fill values (zeros): refuse instead of returning fake maps."""
+        import fsspec
+
+        for shard in sorted({int(r) // self.records_per_shard for r in rows} - self._present):
+            for f in self.manifest["store"]["shards"][shard]["files"]:
+                fs, path = fsspec.core.url_to_fs(f"{self.root}/{f['path']}")
+                if not fs.exists(path):
+                    raise CacheFormatError(f"{self.root}/{f['path']}: shard file missing")
+            self._present.add(shard)
 
     def read(self, rows):
         rows = np.asarray(rows, dtype=np.int64)
+        self._check_shards_exist(rows)
         out = {}
         for name, array in self.arrays.items():
-            if len(rows) and np.all(np.diff(rows) == 1):  # contiguous: one slice, one read per shard
-                out[name] = array[int(rows[0]):int(rows[-1]) + 1]
-            else:
-                out[name] = array.get_orthogonal_selection((rows,))
+            try:
+                if len(rows) and np.all(np.diff(rows) == 1):  # contiguous: one slice, one read per shard
+                    out[name] = array[int(rows[0]):int(rows[-1]) + 1]
+                else:
+                    out[name] = array.get_orthogonal_selection((rows,))
+            except (IndexError, KeyError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - corrupt shard index or blosc frame (numcodecs raises many types)
+                raise CacheFormatError(f"{self.root}/{name}: cannot decode records {rows.tolist()[:8]} "
+                                       f"({type(exc).__name__}: {exc})") from exc
         return out

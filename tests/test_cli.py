@@ -1,0 +1,142 @@
+"""The real CLI (typer app) end to end, and its error contract: exit code 2 and one `error: ...` line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from attncache_cli.main import app
+from conftest import make_image_folder
+from typer.testing import CliRunner
+
+from attncache import open_cache
+
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def cli_cache(tmp_path_factory, tiny_teacher):
+    out = tmp_path_factory.mktemp("cli") / "cache"
+    result = _run("extract", *tiny_teacher.cli_args(), "--data", "demo:2", "--out", out, "--views", "2",
+                  "--layers", "0", "--format", "wds", "--shard-records", "5", "--embed-images")
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+def test_extract_inspect_verify(cli_cache, tiny_teacher):
+    out, result = cli_cache
+    assert result.stdout.strip() == f"wrote {out}: 16 records in 4 shards"
+
+    inspect = _run("inspect", out, "--json")
+    assert inspect.exit_code == 0, inspect.output
+    summary = json.loads(inspect.stdout)
+    assert summary["teacher"] == "vit_tiny_patch16_224"
+    assert (summary["image_size"], summary["tokens"], summary["heads"], summary["layers"]) == (32, 17, 4, [0])
+    assert (summary["samples"], summary["views_per_image"], summary["records"], summary["shards"]) == (8, 2, 16, 4)
+    assert (summary["codec"], summary["store"], summary["payload"], summary["split"]) == ("fp16", "wds", "probs",
+                                                                                          "train")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert summary["weights_sha256"] == manifest["teacher"]["weights_sha256"][:16]
+    assert summary["shard_bytes"] == sum((out / f["path"]).stat().st_size
+                                         for s in manifest["store"]["shards"] for f in s["files"])
+    assert "ratio_vs_raw_fp16" not in summary  # images embedded: no compression ratio to report
+
+    table = _run("inspect", out)
+    assert table.exit_code == 0 and "vit_tiny_patch16_224" in table.stdout
+
+    verify = _run("verify", out)
+    assert verify.exit_code == 0, verify.output
+    n_files = 4 + 2  # shards + samples/views
+    assert verify.stdout.startswith(f"ok: {n_files} files, 16 records, ")
+
+    # what the CLI wrote is what the API reads: one record replayed through the API
+    cache = open_cache(str(out))
+    assert cache.layers == [0] and cache[3].maps.shape == (1, 4, 17, 17)
+    assert torch.allclose(cache[3].maps.sum(-1), torch.ones(1, 4, 17), atol=2e-3)
+
+
+def test_cli_rerun_resumes_as_a_no_op(cli_cache, tiny_teacher):
+    out, _ = cli_cache
+    before = (out / "manifest.json").read_bytes()
+    again = _run("extract", *tiny_teacher.cli_args(), "--data", "demo:2", "--out", out, "--views", "2",
+                 "--layers", "0", "--format", "wds", "--shard-records", "5", "--embed-images")
+    assert again.exit_code == 0 and (out / "manifest.json").read_bytes() == before
+
+
+def test_cli_verify_names_a_corrupt_shard(tmp_path, cli_cache):
+    import shutil
+
+    out = shutil.copytree(cli_cache[0], tmp_path / "copy")
+    shard = out / "shards" / "shard-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 1
+    shard.write_bytes(bytes(data))
+    result = _run("verify", out)
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ") and "shards/shard-000001.tar" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def _bad_cases(tmp_path, teacher, other_teacher):
+    folder = make_image_folder(tmp_path / "imgs")
+    (folder / "bee" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    other_cache = tmp_path / "other_cache"
+    assert _run("extract", *other_teacher.cli_args(), "--data", "demo:1", "--out", other_cache,
+                "--layers", "0").exit_code == 0
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    not_sd = tmp_path / "list.pth"
+    torch.save([1, 2, 3], not_sd)
+    base = teacher.cli_args()
+    demo = ["--data", "demo:1"]
+    fresh = ["--out", tmp_path / "fresh"]
+    return [
+        (["extract", *base, "--data", tmp_path / "missing", *fresh], str(tmp_path / "missing")),
+        (["extract", *base, "--data", folder, *fresh], "bee/broken.jpg"),
+        (["extract", "--teacher", "vit_imaginary", "--no-pretrained", *demo, *fresh],
+         "unknown teacher 'vit_imaginary'"),
+        ([*_swap(["extract", *base, *demo, *fresh], "--image-size", "30")], "image size 30"),
+        (["extract", *base, *demo, "--out", other_cache, "--layers", "0"], "holds a different cache (teacher differs)"),
+        (["extract", *base, *demo, "--out", busy], f"--out {busy}: directory is not empty"),
+        (["extract", *base, *demo, *fresh, "--layers", "0-5"], "--layers '0-5'"),
+        (["extract", *base, *demo, *fresh, "--codec", "zfp"], "unknown codec 'zfp'"),
+        (["extract", *base, *demo, *fresh, "--embed-images"], "--embed-images needs --format wds"),
+        (["extract", *base, *demo, *fresh, "--payload", "values"], "--payload 'values'"),
+        (["extract", *base, *demo, *fresh, "--teacher-arg", "depth"], "--teacher-arg 'depth'"),
+        ([*_swap(["extract", *base, *demo, *fresh], "--weights", not_sd)], f"--weights {not_sd}"),
+        ([*_swap(["extract", *base, *demo, *fresh], "--weights", other_cache / "manifest.json")], "cannot read"),
+        (["inspect", tmp_path / "imgs"], "not an attncache cache"),
+        (["verify", tmp_path / "nowhere"], "not an attncache cache"),
+    ]
+
+
+def _swap(args, option, value):
+    args = list(args)
+    args[args.index(option) + 1] = value
+    return args
+
+
+def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, tiny_teacher, other_tiny_teacher):
+    for args, culprit in _bad_cases(tmp_path, tiny_teacher, other_tiny_teacher):
+        result = runner.invoke(app, [str(a) for a in args])
+        assert result.exit_code == 2, (args, result.output, result.exception)
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+        assert result.stderr.startswith("error: "), (args, result.stderr)
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert "Traceback" not in result.output
+        assert culprit in result.stderr, (culprit, result.stderr)
+        assert result.stdout == ""
+    assert not (tmp_path / "fresh").exists()  # no error left a half-made cache behind
+
+
+def test_cli_usage_errors_are_not_tracebacks():
+    result = runner.invoke(app, ["extract", "--teacher", "demo"])  # missing required options
+    assert result.exit_code == 2 and "Missing option" in result.output
+    result = runner.invoke(app, ["extract", "--teacher", "demo", "--data", "demo", "--out", "x", "--format", "npz"])
+    assert result.exit_code == 2 and "npz" in result.output

@@ -1,0 +1,137 @@
+"""Both store formats hold the same bytes, readable with plain zarr / tarfile / webdataset as docs/format.md says."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+
+import numcodecs
+import numpy as np
+import torch
+import zarr
+from conftest import FOLDER_IMAGES
+
+from attncache import open_cache
+
+
+def test_zarr_and_wds_fp16_round_trip_bit_exactly(folder_fp32_zarr, folder_fp16_zarr, folder_fp16_wds):
+    rows = list(range(12))
+    z, w = open_cache(str(folder_fp16_zarr)), open_cache(str(folder_fp16_wds))
+    assert z.manifest["store"]["format"] == "zarr" and w.manifest["store"]["format"] == "wds"
+    from_zarr, from_wds = z.read_rows(rows), w.read_rows(rows)
+    assert torch.equal(from_zarr, from_wds)
+    assert torch.equal(from_wds, open_cache(str(folder_fp32_zarr)).read_rows(rows).half().float())
+    # row-by-row and out-of-order access agree with the bulk read in both formats
+    for cache in (z, w):
+        assert torch.equal(cache.read_rows([11, 3, 7]), from_zarr[[11, 3, 7]])
+        assert torch.equal(cache[5].maps, from_zarr[5])
+    assert z.samples == w.samples and z.views == w.views
+
+
+def test_zarr_cache_is_plain_zarr_v3(folder_fp16_zarr):
+    cache = open_cache(str(folder_fp16_zarr))
+    group = zarr.open_group(str(folder_fp16_zarr), mode="r")
+    maps = group["maps"]
+    assert maps.shape == (12, 2, 4, 17, 17) and maps.dtype == np.float16
+    assert maps.chunks == (1, 2, 4, 17, 17) and maps.shards == (5, 2, 4, 17, 17)
+    meta = json.loads((folder_fp16_zarr / "maps" / "zarr.json").read_text())
+    assert meta["zarr_format"] == 3 and meta["codecs"][0]["name"] == "sharding_indexed"
+    for row in (0, 7, 11):
+        assert torch.equal(torch.from_numpy(maps[row]).float(), cache[row].maps)
+
+
+def _tar_members(path) -> dict[str, tuple[tarfile.TarInfo, bytes]]:
+    with tarfile.open(path) as tar:
+        return {m.name: (m, tar.extractfile(m).read()) for m in tar.getmembers()}
+
+
+def test_wds_shards_follow_the_spec(folder_fp16_wds, image_folder):
+    m = json.loads((folder_fp16_wds / "manifest.json").read_text())
+    cache = open_cache(str(folder_fp16_wds))
+    fields = m["codec"]["fields"]["maps"]
+    seen_rows = []
+    for shard in m["store"]["shards"]:
+        (f,) = shard["files"]
+        assert f["path"] == f"shards/shard-{shard['index']:06d}.tar"
+        members = _tar_members(folder_fp16_wds / f["path"])
+        rows = range(shard["first_record"], shard["first_record"] + shard["records"])
+        ext = {r: cache.samples[r % 6]["key"].rsplit(".", 1)[1] for r in rows}
+        assert sorted(members) == sorted(f"{r:010d}.{e}" for r in rows for e in ("json", "maps", ext[r]))
+        for info, _ in members.values():
+            assert (info.mtime, info.uid, info.gid, info.mode) == (0, 0, 0, 0o644)
+        for r in rows:
+            seen_rows.append(r)
+            sample = cache.samples[r % 6]
+            meta = json.loads(members[f"{r:010d}.json"][1])
+            view = cache.views[r]
+            assert meta == {"key": sample["key"], "view": r // 6, "label": sample["label"],
+                            "sha256": sample["sha256"], "box": view["box"], "flip": view["flip"]}
+            # the embedded image is the source file, byte for byte
+            image = members[f"{r:010d}.{ext[r]}"][1]
+            assert image == (image_folder / sample["key"]).read_bytes()
+            assert hashlib.sha256(image).hexdigest() == sample["sha256"]
+            # the field is blosc over raw little-endian fp16 bytes, decodable with numcodecs alone
+            raw = numcodecs.get_codec(m["codec"]["compressor"]).decode(members[f"{r:010d}.maps"][1])
+            arr = np.frombuffer(raw, dtype="<f2").reshape(fields["shape"])
+            assert torch.equal(torch.from_numpy(arr.astype(np.float32)), cache[r].maps)
+    assert seen_rows == list(range(12))
+
+
+def test_wds_shards_stream_with_webdataset(folder_fp16_wds, image_folder):
+    import webdataset as wds
+
+    cache = open_cache(str(folder_fp16_wds))
+    urls = [str(folder_fp16_wds / s["files"][0]["path"]) for s in cache.manifest["store"]["shards"]]
+    records = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+    assert [r["__key__"] for r in records] == [f"{i:010d}" for i in range(12)]
+    for i, r in enumerate(records):
+        key = json.loads(r["json"])["key"]
+        assert key == cache.samples[i % 6]["key"]
+        assert r[key.rsplit(".", 1)[1]] == (image_folder / key).read_bytes()
+
+
+def test_grayscale_source_is_embedded_verbatim(folder_fp16_wds, image_folder):
+    """The embedded bytes are the encoded source (no re-encoding): a grayscale PNG stays grayscale."""
+    from PIL import Image
+
+    cache = open_cache(str(folder_fp16_wds))
+    gray = next(f"{c}/{n}" for c, n, _, mode, _ in FOLDER_IMAGES if mode == "L")
+    row = cache.row(gray, 1)
+    shard = row // cache.manifest["store"]["records_per_shard"]
+    members = _tar_members(folder_fp16_wds / f"shards/shard-{shard:06d}.tar")
+    data = members[f"{row:010d}.png"][1]
+    assert Image.open(io.BytesIO(data)).mode == "L"
+    assert data == (image_folder / gray).read_bytes()
+
+
+def test_webdataset_source_with_embedded_images(tmp_path, tiny_teacher):
+    """Images read from webdataset tars (keys without extension, labels in .cls) embed under their format's
+    extension, so the cache itself streams with webdataset like an image dataset."""
+    import webdataset as wds
+    from conftest import image_bytes
+
+    from attncache import extract
+
+    src = tmp_path / "src-000000.tar"
+    images = {}
+    with tarfile.open(src, "w") as tar:
+        for i, (fmt, ext) in enumerate([("PNG", "png"), ("JPEG", "jpg"), ("PNG", "png")]):
+            key = f"train/n0{i}_sample_{i}"  # a directory part, as real webdataset keys have
+            images[key] = image_bytes((30 + 4 * i, 36), "RGB", fmt, seed=i)
+            for suffix, data in ((ext, images[key]), ("cls", str(i % 2).encode())):
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "cache"
+    m = extract(tiny_teacher.config(str(src), out, format="wds", embed_images=True, layers="0"))
+    assert m["dataset"]["source"] == f"webdataset:{src}" and m["store"]["records"] == 3
+    cache = open_cache(str(out))
+    assert [(s["key"], s["label"]) for s in cache.samples] == [(k, i % 2) for i, k in enumerate(images)]
+    records = list(wds.WebDataset(str(out / "shards/shard-000000.tar"), shardshuffle=False, empty_check=False))
+    assert [r["__key__"] for r in records] == ["0000000000", "0000000001", "0000000002"]
+    for r, (key, data), ext in zip(records, images.items(), ["png", "jpg", "png"], strict=True):
+        assert json.loads(r["json"])["key"] == key
+        assert r[ext] == data
+        assert {k for k in r if not k.startswith("__")} == {"json", "maps", ext}

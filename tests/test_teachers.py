@@ -1,0 +1,157 @@
+"""Teacher construction and weight loading: safetensors, timm and MAE checkpoints, refusal of anything else."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from conftest import TINY_VIT
+from safetensors.torch import load_file, save_file
+
+from attncache import AttncacheError
+from attncache.teachers import build_teacher, parse_teacher_args, read_state_dict, resolve_name
+
+
+def _build(t, weights=None, **kw):
+    return build_teacher(t.name, image_size=t.image_size, weights=weights, pretrained=False,
+                         teacher_args=t.args, **kw)
+
+
+def _same_weights(model, state):
+    sd = model.state_dict()
+    assert set(sd) == set(state)
+    for k, v in state.items():
+        assert torch.equal(sd[k], v), k
+
+
+def test_safetensors_weights(tiny_teacher):
+    state = load_file(str(tiny_teacher.weights))
+    model, spec = _build(tiny_teacher, tiny_teacher.weights)
+    _same_weights(model, state)
+    assert spec.weights_source == "file:tiny_vit.safetensors"
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+
+
+def test_random_init_is_reproducible_and_differs_from_other_weights(tiny_teacher, other_tiny_teacher):
+    a, spec_a = _build(tiny_teacher)
+    b, spec_b = _build(tiny_teacher)
+    assert spec_a.weights_source == "random" and spec_a.weights_sha256 == spec_b.weights_sha256
+    _, spec_other = _build(other_tiny_teacher, other_tiny_teacher.weights)
+    assert spec_other.weights_sha256 != spec_a.weights_sha256
+
+
+def test_mae_checkpoint_with_decoder_and_mask_token(tmp_path, tiny_teacher):
+    """An MAE pretraining checkpoint: {'model': encoder + decoder_* + mask_token}, plus optimizer-free extras."""
+    state = load_file(str(tiny_teacher.weights))
+    mae = dict(state)
+    mae["mask_token"] = torch.zeros(1, 1, 64)
+    mae["decoder_embed.weight"] = torch.randn(32, 64)
+    mae["decoder_pos_embed"] = torch.randn(1, 17, 32)
+    mae["decoder_blocks.0.attn.qkv.weight"] = torch.randn(96, 32)
+    mae["decoder_norm.weight"] = torch.ones(32)
+    mae["decoder_pred.weight"] = torch.randn(8 * 8 * 3, 32)
+    path = tmp_path / "mae_pretrain.pth"
+    torch.save({"model": mae, "epoch": 799}, path)  # plain ints are fine for weights_only loading
+    model, spec = _build(tiny_teacher, path)
+    _same_weights(model, state)
+    assert spec.weights_source == "file:mae_pretrain.pth"
+    _, ref = _build(tiny_teacher, tiny_teacher.weights)
+    assert spec.weights_sha256 == ref.weights_sha256  # the hash is of the weights, not of the file
+
+
+@pytest.mark.parametrize("wrap", ["plain", "state_dict", "module_prefix"])
+def test_pth_state_dict_layouts(tmp_path, tiny_teacher, wrap):
+    state = load_file(str(tiny_teacher.weights))
+    obj = {"plain": state, "state_dict": {"state_dict": state},
+           "module_prefix": {f"module.{k}": v for k, v in state.items()}}[wrap]
+    path = tmp_path / "w.pth"
+    torch.save(obj, path)
+    model, _ = _build(tiny_teacher, path)
+    _same_weights(model, state)
+
+
+def test_pickle_with_an_arbitrary_object_is_refused_without_running_it(tmp_path, tiny_teacher):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    state = dict(load_file(str(tiny_teacher.weights)))
+    path = tmp_path / "evil.pth"
+    torch.save({"model": state, "extra": Payload()}, path)
+    with pytest.raises(AttncacheError, match=f"--weights {path}: cannot read weights"):
+        _build(tiny_teacher, path)
+    assert not marker.exists()
+    with open(path, "wb") as f:  # a raw pickle (protocol 2, as torch uses), not even a torch archive
+        pickle.dump({"model": state, "extra": Payload()}, f, protocol=2)
+    with pytest.raises(AttncacheError, match="cannot read weights"):
+        read_state_dict(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ([torch.zeros(3)], "not a state dict of tensors"),
+        ({"blocks.0.attn.qkv.weight": torch.zeros(3), "lr": 0.1}, "not a state dict of tensors"),
+        ("just a string", "not a state dict of tensors"),
+    ],
+)
+def test_weights_that_are_not_a_state_dict(tmp_path, tiny_teacher, content, match):
+    path = tmp_path / "w.pth"
+    torch.save(content, path)
+    with pytest.raises(AttncacheError, match=match):
+        _build(tiny_teacher, path)
+
+
+def test_weights_file_garbage_or_missing(tmp_path, tiny_teacher):
+    bad = tmp_path / "w.safetensors"
+    bad.write_bytes(b"\x00" * 100)
+    with pytest.raises(AttncacheError, match=f"--weights {bad}: cannot read weights"):
+        _build(tiny_teacher, bad)
+    with pytest.raises(AttncacheError, match="no such file"):
+        _build(tiny_teacher, tmp_path / "nope.safetensors")
+
+
+@pytest.mark.parametrize(
+    "other_args",
+    [
+        dict(patch_size=8, depth=3, embed_dim=64, num_heads=4),  # an extra block: unexpected keys
+        dict(patch_size=8, depth=1, embed_dim=64, num_heads=4),  # a block short: missing keys
+        dict(patch_size=8, depth=2, embed_dim=32, num_heads=4),  # other width: shape mismatch
+        "reg",  # a DINOv2 layout with registers (reg_token) and LayerScale (ls1/ls2), patch 14
+    ],
+)
+def test_weights_of_another_architecture_are_refused(tmp_path, tiny_teacher, reg_teacher, other_args):
+    if other_args == "reg":
+        other, _ = build_teacher(reg_teacher.name, image_size=28, pretrained=False, teacher_args=reg_teacher.args)
+    else:
+        other, _ = build_teacher(TINY_VIT["name"], image_size=32, pretrained=False, teacher_args=other_args)
+    path = tmp_path / "other.safetensors"
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
+    with pytest.raises(AttncacheError, match=f"--weights {path}: does not"):
+        _build(tiny_teacher, path)
+
+
+def test_geometry_and_errors():
+    _, spec = build_teacher("demo", pretrained=False)
+    assert (spec.image_size, spec.patch_size, spec.depth, spec.num_heads, spec.num_tokens) == (32, 8, 4, 4, 17)
+    assert resolve_name("dinov2_vits14_reg") == "vit_small_patch14_reg4_dinov2.lvd142m"
+    with pytest.raises(AttncacheError, match="unknown teacher 'no_such_vit'"):
+        build_teacher("no_such_vit", pretrained=False)
+    with pytest.raises(AttncacheError, match="not a timm VisionTransformer"):
+        build_teacher("resnet18", pretrained=False)
+    with pytest.raises(AttncacheError, match="image size 30 is not a multiple of its patch size 8"):
+        build_teacher("demo", image_size=30, pretrained=False)
+    with pytest.raises(AttncacheError, match="image size 30 is not a multiple of its patch size 14"):
+        build_teacher("vit_small_patch14_reg4_dinov2", image_size=30, pretrained=False,
+                      teacher_args=dict(depth=1, embed_dim=32, num_heads=2))
+
+
+def test_parse_teacher_args():
+    assert parse_teacher_args(["patch_size=8", "qkv_bias=false", "drop_rate=0.0", "act_layer=gelu"]) == {
+        "patch_size": 8, "qkv_bias": False, "drop_rate": 0.0, "act_layer": "gelu"}
+    with pytest.raises(AttncacheError, match="KEY=VALUE"):
+        parse_teacher_args(["depth"])
