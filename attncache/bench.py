@@ -40,6 +40,7 @@ class ExtractBench:
     codec: str = "fp16"
     layers: str = "all"
     limit: int | None = None
+    views: int = 4  # views per image: more records per run, closer to the steady state
     repeats: int = 3
 
 
@@ -64,11 +65,12 @@ def bench_extract(b: ExtractBench) -> dict:
     layers = parse_layers(b.layers, spec.depth)
     source = open_source(b.data, limit=b.limit)
     samples = source.scan()
-    policy = ViewPolicy(views_per_image=1)
+    policy = ViewPolicy(views_per_image=b.views)
     images = dict(source.iter_bytes(range(len(samples))))
-    pixels = torch.stack([render(open_image(images[i], s.key), policy.draw(s.key, s.width, s.height)[0],
-                                 spec.image_size, spec.interpolation, spec.mean, spec.std)
-                          for i, s in enumerate(samples)])
+    pixels = torch.stack([render(open_image(images[i], s.key), view, spec.image_size, spec.interpolation,
+                                 spec.mean, spec.std)
+                          for v in range(b.views) for i, s in enumerate(samples)
+                          for view in [policy.draw(s.key, s.width, s.height)[v]]])
     batches = [pixels[i:i + b.batch_size].to(device) for i in range(0, len(pixels), b.batch_size)]
     n = len(pixels)
 
@@ -112,6 +114,7 @@ def bench_extract(b: ExtractBench) -> dict:
         out = Path(b.out) / f"extract-{r}"
         shutil.rmtree(out, ignore_errors=True)
         extract(ExtractConfig(teacher=b.teacher, data=b.data, out=str(out), format=b.format, codec=b.codec,
+                              views=b.views,
                               layers=b.layers, batch_size=b.batch_size, device=b.device, weights=b.weights,
                               pretrained=b.weights is None, image_size=b.image_size, teacher_args=b.teacher_args,
                               records_per_shard=b.batch_size, progress=False,

@@ -58,40 +58,64 @@ class AttentionCapture:
             raise AttncacheError(f"--payload {payload!r}: expected one of {PAYLOADS}")
         self.model, self.layers, self.payload = model, list(layers), payload
         self._q: torch.Tensor | None = None
-        self._maps: list[torch.Tensor] = []
+        self._out: torch.Tensor | None = None
+        self._filled = 0
+        self._active = False  # hooks only record during this object's own __call__
+        self._handles = []
         for layer in self.layers:
             attn = model.blocks[layer].attn
             if payload == "probs":
                 attn.fused_attn = False
-                attn.attn_drop.register_forward_pre_hook(self._keep_probs)
+                self._handles.append(attn.attn_drop.register_forward_pre_hook(self._keep_probs))
             else:
-                attn.q_norm.register_forward_hook(self._keep_q)
-                attn.k_norm.register_forward_hook(self._make_logits_hook(attn.scale))
+                self._handles.append(attn.q_norm.register_forward_hook(self._keep_q))
+                self._handles.append(attn.k_norm.register_forward_hook(self._make_logits_hook(attn.scale)))
+
+    def close(self) -> None:
+        """Remove the hooks (the captured blocks keep the explicit attention path, which computes the same)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     def _keep_probs(self, module, inputs):
-        self._maps.append(inputs[0].float())
+        if self._active:
+            self._store(inputs[0])
+
+    def _store(self, layer_map: torch.Tensor) -> None:
+        # Written straight into the batch's output buffer: no per-layer list, no stack copy of B x L x H x N x N.
+        if self._out is None:
+            self._out = layer_map.new_empty((layer_map.shape[0], len(self.layers), *layer_map.shape[1:]),
+                                            dtype=torch.float32)
+        self._out[:, self._filled] = layer_map
+        self._filled += 1
 
     def _keep_q(self, module, inputs, q):
-        self._q = q
+        if self._active:
+            self._q = q
 
     def _make_logits_hook(self, scale: float):
         def hook(module, inputs, k):
+            if not self._active:
+                return
             # Same operations, same order as timm's non-fused path: bit-identical logits in fp32.
             q = self._q.float() * scale
-            self._maps.append(q @ k.float().transpose(-2, -1))
+            self._store(q @ k.float().transpose(-2, -1))
             self._q = None
 
         return hook
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        self._maps = []
-        last = self.layers[-1]
-        if hasattr(self.model, "forward_intermediates"):
-            self.model.forward_intermediates(images, indices=[last], stop_early=True, intermediates_only=True)
-        else:
-            self.model.forward_features(images)
-        maps, self._maps = self._maps, []
-        if len(maps) != len(self.layers):
-            raise RuntimeError(f"captured {len(maps)} attention maps, expected {len(self.layers)}")
-        return torch.stack(maps, dim=1)
+        self._out, self._filled, self._active = None, 0, True
+        try:
+            if hasattr(self.model, "forward_intermediates"):
+                self.model.forward_intermediates(images, indices=[self.layers[-1]], stop_early=True,
+                                                 intermediates_only=True)
+            else:
+                self.model.forward_features(images)
+        finally:
+            self._active = False
+        out, self._out = self._out, None
+        if self._filled != len(self.layers):
+            raise RuntimeError(f"captured {self._filled} attention maps, expected {len(self.layers)}")
+        return out

@@ -329,6 +329,7 @@ class _ShardWriterThread(threading.Thread):
                 continue
             shard, arrays, metas, images = job
             try:
+                arrays = {k: np.stack(v) for k, v in arrays.items()}
                 self.writer.write_shard(shard, arrays, metas, images)
                 files = [file_entry(self.out, p) for p in self.writer.shard_paths(shard)]
                 atomic_write_json(_marker(self.out, shard), {"files": files})
@@ -380,7 +381,7 @@ def _run_pipeline(cfg, spec, source, samples, views, pending, per_shard, records
             buffers.setdefault(shard, []).append((row, {k: v[j] for k, v in encoded.items()}, meta, image))
             if len(buffers[shard]) == shard_rows[shard]:
                 items = sorted(buffers.pop(shard), key=lambda t: t[0])
-                arrays = {k: np.stack([it[1][k] for it in items]) for k in encoded}
+                arrays = {k: [it[1][k] for it in items] for k in encoded}  # stacked by the writer thread
                 images = [it[3] for it in items] if cfg.embed_images else None
                 writer_thread.submit((shard, arrays, [it[2] for it in items], images))
         progress.advance(task, len(batch))

@@ -125,6 +125,7 @@ def bench_extract(
     image_size: int | None = None, teacher_arg: list[str] = typer.Option([], "--teacher-arg"),
     format: StoreFormat = typer.Option(StoreFormat.zarr, "--format"), codec: str = "fp16",
     layers: str = "all", limit: int | None = typer.Option(None, help="use the first N images"),
+    views: int = typer.Option(4, help="views per image (more records per measured pass)"),
     repeats: int = typer.Option(3, help="passes per stage; the best is reported"),
 ):
     """Teacher inference rate, encode+write rate and extraction rate, measured in one run."""
@@ -136,7 +137,7 @@ def bench_extract(
             teacher=teacher, data=data, out=str(out), batch_size=batch_size, device=device,
             weights=str(weights) if weights else None, image_size=image_size,
             teacher_args=_codec_params(teacher_arg), format=format.value, codec=codec, layers=layers,
-            limit=limit, repeats=repeats))
+            limit=limit, views=views, repeats=repeats))
     except AttncacheError as exc:
         _fail(exc)
     typer.echo(json.dumps(result, indent=2))

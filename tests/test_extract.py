@@ -127,8 +127,8 @@ def test_manifest_fields(folder_fp16_zarr, tiny_teacher, image_folder):
     assert m["capture"] == {"layers": [0, 1], "payload": "probs", "map_shape": [2, 4, 17, 17], "dtype": "float32"}
     assert m["codec"]["name"] == "fp16"
     assert m["codec"]["fields"] == {"maps": {"shape": [2, 4, 17, 17], "dtype": "float16"}}
-    assert m["codec"]["compressor"] == {"id": "blosc", "cname": "zstd", "clevel": 3, "shuffle": 1,
-                                        "blocksize": 0, "typesize": 2}
+    assert m["codec"]["compressor"] == {"id": "blosc", "cname": "zstd", "clevel": 1, "shuffle": 1,
+                                        "blocksize": 1 << 20, "typesize": 2}
     assert m["views"] == {"split": "train", "views_per_image": 2, "seed": 0, "scale": [0.08, 1.0],
                           "ratio": [0.75, 4 / 3], "hflip": 0.5, "crop_pct": 0.875}
 
