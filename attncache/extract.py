@@ -88,13 +88,13 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, s
     """
     _check_options(cfg)
     out = Path(cfg.out)
+    _check_out_is_free(out)
     codec = get_codec(cfg.codec, **cfg.codec_params)
     model, spec = build_teacher(cfg.teacher, image_size=cfg.image_size, weights=cfg.weights,
                                 pretrained=cfg.pretrained, teacher_args=cfg.teacher_args, device=cfg.device)
     layers = parse_layers(cfg.layers, spec.depth)
     policy = ViewPolicy(split=cfg.split, views_per_image=cfg.views, seed=cfg.seed,
                         crop_pct=spec.crop_pct if cfg.split == "val" else 0.875)
-    _check_out_is_free(out)
 
     source = open_source(cfg.data, cfg.split, cfg.limit)
     _log(cfg, f"scanning {source.description} ...")

@@ -23,8 +23,11 @@ from attncache.teachers import build_teacher
 from attncache.views import ViewPolicy, render
 
 _BYTE, _BIT, _NO = numcodecs.Blosc.SHUFFLE, numcodecs.Blosc.BITSHUFFLE, numcodecs.Blosc.NOSHUFFLE
-SETTINGS = [("zstd", 1, _BYTE), ("zstd", 3, _BYTE), ("zstd", 5, _BYTE), ("zstd", 9, _BYTE), ("zstd", 3, _BIT),
-            ("zstd", 3, _NO), ("lz4", 5, _BYTE), ("blosclz", 5, _BYTE)]
+MIB = 1 << 20
+# (cname, clevel, shuffle, blocksize; 0 = blosc chooses)
+SETTINGS = [("zstd", 1, _BYTE, 0), ("zstd", 3, _BYTE, 0), ("zstd", 5, _BYTE, 0), ("zstd", 9, _BYTE, 0),
+            ("zstd", 3, _BIT, 0), ("zstd", 3, _NO, 0), ("lz4", 5, _BYTE, 0), ("blosclz", 5, _BYTE, 0),
+            ("zstd", 1, _BYTE, MIB), ("zstd", 2, _BYTE, MIB), ("zstd", 3, _BIT, MIB)]
 
 
 def capture_maps(args) -> np.ndarray:
@@ -56,8 +59,8 @@ def main():
     numcodecs.blosc.use_threads = False
     raw = maps[0].nbytes
     rows = []
-    for cname, clevel, shuffle in SETTINGS:
-        codec = numcodecs.Blosc(cname=cname, clevel=clevel, shuffle=shuffle)
+    for cname, clevel, shuffle, blocksize in SETTINGS:
+        codec = numcodecs.Blosc(cname=cname, clevel=clevel, shuffle=shuffle, blocksize=blocksize)
         start = time.perf_counter()
         encoded = [codec.encode(np.ascontiguousarray(m)) for m in maps]
         enc_s = time.perf_counter() - start
@@ -67,6 +70,7 @@ def main():
         dec_s = time.perf_counter() - start
         stored = sum(len(e) for e in encoded) / len(encoded)
         rows.append({"cname": cname, "clevel": clevel, "shuffle": {0: "no", 1: "byte", 2: "bit"}[shuffle],
+                     "blocksize": blocksize,
                      "bytes_per_view": int(stored), "ratio": round(raw / stored, 3),
                      "encode_MBps_1core": round(raw * len(maps) / enc_s / 1e6, 1),
                      "decode_MBps_1core": round(raw * len(maps) / dec_s / 1e6, 1)})
