@@ -7,6 +7,7 @@ and indexes are JSON, the maps are raw arrays with dtype and shape taken from th
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 import fsspec
@@ -113,7 +114,7 @@ class Cache:
     def summary(self) -> dict:
         m = self.manifest
         stored = sum(f["bytes"] for s in m["store"]["shards"] for f in s["files"])
-        raw = len(self) * _prod(m["capture"]["map_shape"]) * 2
+        raw = len(self) * math.prod(m["capture"]["map_shape"]) * 2
         return {
             "root": self.root,
             "teacher": m["teacher"]["model"], "weights_sha256": m["teacher"]["weights_sha256"][:16],
@@ -127,13 +128,6 @@ class Cache:
             **({} if m["store"].get("embed_images") else {"ratio_vs_raw_fp16": raw / max(1, stored)}),
             "dataset_fingerprint": m["dataset"]["fingerprint"][:16],
         }
-
-
-def _prod(xs) -> int:
-    out = 1
-    for x in xs:
-        out *= x
-    return out
 
 
 def open_cache(root: str, storage_options: dict | None = None) -> Cache:

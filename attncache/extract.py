@@ -15,6 +15,7 @@ import queue
 import shutil
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -301,7 +302,7 @@ def _rendered_rows(cfg, spec, source, samples, views, rows, pool) -> Iterator[tu
         image = open_image(data, f"{source.description}:{key}")
         return row, render(image, views[row], spec.image_size, spec.interpolation, spec.mean, spec.std), data
 
-    window: list = []
+    window: deque = deque()
     by_sample: dict[int, list[int]] = {}
     for row in rows:
         by_sample.setdefault(sample_and_view(row, num_samples)[0], []).append(row)
@@ -309,7 +310,7 @@ def _rendered_rows(cfg, spec, source, samples, views, rows, pool) -> Iterator[tu
         for row in by_sample[sample_index]:
             window.append(pool.submit(work, row, data))
         while len(window) > 4 * cfg.batch_size:
-            yield window.pop(0).result()
+            yield window.popleft().result()
     for fut in window:
         yield fut.result()
 
