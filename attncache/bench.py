@@ -97,15 +97,18 @@ def bench_extract(b: ExtractBench) -> dict:
     fields = codec.fields(tuple(maps[0].shape[1:]))
     work = Path(tempfile.mkdtemp(prefix="attncache-bench-"))
 
+    stored_bytes: list[int] = []
+
     def encode_write():
         root = work / f"ew-{time.perf_counter_ns()}"
         writer = WRITERS[b.format](root, fields, codec.compressor(), n, b.batch_size)
         for i, m in enumerate(maps):
             writer.write_shard(i, codec.encode(m), [{}] * len(m))
+        stored_bytes.append(sum((root / p).stat().st_size for i in range(len(maps)) for p in writer.shard_paths(i)))
         shutil.rmtree(root)
 
     encode_write_rate = _best_rate(encode_write, n, b.repeats)
-    stored = _stored_bytes_per_view(codec, fields, maps, b.format, work, n, b.batch_size)
+    stored = stored_bytes[0] / n
 
     # the full pipeline (views rendered from source bytes, teacher, encode, write), as `attncache extract` runs it
     best = 0.0
@@ -143,12 +146,3 @@ def bench_extract(b: ExtractBench) -> dict:
         "stored_bytes_per_view": round(stored, 1),
         "ratio_vs_raw_fp16": round(raw / stored, 3),
     }
-
-
-def _stored_bytes_per_view(codec, fields, maps, fmt, work: Path, n: int, per_shard: int) -> float:
-    root = work / "size"
-    writer = WRITERS[fmt](root, fields, codec.compressor(), n, per_shard)
-    for i, m in enumerate(maps):
-        writer.write_shard(i, codec.encode(m), [{}] * len(m))
-    total = sum(f.stat().st_size for p in range(len(maps)) for f in [root / q for q in writer.shard_paths(p)])
-    return total / n

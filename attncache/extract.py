@@ -43,8 +43,8 @@ from .store.format import (
     canonical_json,
     dataset_fingerprint,
     file_entry,
+    file_intact,
     sample_and_view,
-    sha256_file,
     validate_manifest,
     write_jsonl,
 )
@@ -204,14 +204,14 @@ def _check_same_plan(out: Path, plan: dict) -> None:
             except (OSError, json.JSONDecodeError) as exc:
                 raise AttncacheError(f"--out {out}: unreadable {name} ({exc})") from exc
             break
-    if existing is not None:
-        old = {k: existing.get(k) for k in plan}
-        if k := next((k for k in plan if canonical_json(old[k]) != canonical_json(plan[k]) and k != "store"), None):
-            raise AttncacheError(f"--out {out}: holds a different cache ({k} differs); choose another --out")
-        old_store = {k: existing["store"].get(k) for k in plan["store"]}
-        if old_store != plan["store"]:
-            raise AttncacheError(f"--out {out}: holds a different cache (store differs: {old_store} vs "
-                                 f"{plan['store']}); choose another --out")
+    if existing is None:
+        return
+    # A finished manifest adds shard lists and timestamps: compare only what the plan decides.
+    old = {k: existing.get(k) for k in plan}
+    old["store"] = {k: (existing.get("store") or {}).get(k) for k in plan["store"]}
+    if k := next((k for k in plan if canonical_json(old[k]) != canonical_json(plan[k])), None):
+        detail = f": {old[k]} vs {plan[k]}" if k == "store" else ""
+        raise AttncacheError(f"--out {out}: holds a different cache ({k} differs{detail}); choose another --out")
 
 
 def _claim_out(out: Path, plan: dict) -> None:
@@ -237,9 +237,7 @@ def _finished_manifest(out: Path) -> dict | None:
     store = manifest["store"]
     entries = [f for s in store["shards"] for f in s["files"]] + store.get("metadata_files", [])
     entries += list(manifest["files"].values())
-    intact = all((out / f["path"]).is_file() and (out / f["path"]).stat().st_size == f["bytes"]
-                 and sha256_file(out / f["path"]) == f["sha256"] for f in entries)
-    return manifest if intact else None
+    return manifest if all(file_intact(out, f) for f in entries) else None
 
 
 def _marker(out: Path, shard: int) -> Path:
@@ -257,8 +255,7 @@ def _shard_done(out: Path, shard: int, paths: list[str]) -> bool:
         return False
     if sorted(f["path"] for f in files) != sorted(paths):
         return False
-    return all((out / f["path"]).is_file() and (out / f["path"]).stat().st_size == f["bytes"]
-               and sha256_file(out / f["path"]) == f["sha256"] for f in files)
+    return all(file_intact(out, f) for f in files)
 
 
 def _shard_entry(out: Path, shard: int, per_shard: int, records: int) -> dict:

@@ -65,6 +65,12 @@ def file_entry(root: Path, relpath: str) -> dict:
     return {"path": relpath, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
+def file_intact(root: Path, entry: dict) -> bool:
+    """Does the file still have the size and sha256 recorded in `entry` ({path, bytes, sha256})?"""
+    path = root / entry["path"]
+    return path.is_file() and path.stat().st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
