@@ -6,6 +6,7 @@ image is reported by name before the teacher runs) and then hands out image byte
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 from collections.abc import Iterator, Sequence
@@ -64,6 +65,14 @@ class Source:
         """Bytes of the samples at `indices` (ascending), as (index, bytes)."""
         raise NotImplementedError
 
+    def read_key(self, key: str) -> bytes:
+        """Bytes of the image with this key (training joins cached records to images by key)."""
+        raise NotImplementedError
+
+    def missing_keys(self, keys: Sequence[str]) -> list[str]:
+        """The keys this source cannot provide (checked before training starts)."""
+        raise NotImplementedError
+
 
 class FolderSource(Source):
     """`root/<class>/<image>` (labels from sorted class folders) or a flat folder of images (no labels)."""
@@ -96,6 +105,19 @@ class FolderSource(Source):
     def iter_bytes(self, indices):
         for i in indices:
             yield i, self._read(self._files[i][0])
+
+    def read_key(self, key):
+        return self._read(self._checked_key(key))
+
+    def missing_keys(self, keys):
+        return [k for k in keys if not (self.root / self._checked_key(k)).is_file()]
+
+    def _checked_key(self, key: str) -> str:
+        # Keys come from a cache, which may come from another lab: never let one name a file outside --data.
+        parts = key.split("/")
+        if key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in parts):
+            raise AttncacheError(f"cached key {key!r}: not a relative path inside {self.root}")
+        return key
 
 
 class WebDatasetSource(Source):
@@ -132,6 +154,20 @@ class WebDatasetSource(Source):
             raise AttncacheError(f"--data {self.urls}: no samples")
         return samples
 
+    def read_key(self, key):
+        return self._by_key()[key]
+
+    def missing_keys(self, keys):
+        have = self._by_key()
+        return [k for k in keys if k not in have]
+
+    def _by_key(self) -> dict[str, bytes]:
+        # A tar stream has no random access: training from a webdataset image source holds its bytes in memory
+        # (extract with --embed-images for large sets: the cache then carries the images itself).
+        if getattr(self, "_bytes", None) is None:
+            self._bytes = {key: data for key, data, _ in self._iter_raw()}
+        return self._bytes
+
     def iter_bytes(self, indices):
         wanted = iter(indices)
         target = next(wanted, None)
@@ -164,6 +200,16 @@ class DemoSource(Source):
     def iter_bytes(self, indices):
         for i in indices:
             yield i, self._draw(i)
+
+    def read_key(self, key):
+        return self._draw(self._index[key])
+
+    def missing_keys(self, keys):
+        return [k for k in keys if k not in self._index]
+
+    @functools.cached_property
+    def _index(self) -> dict[str, int]:
+        return {key: i for i, (key, _) in enumerate(self._keys)}
 
     def _draw(self, index: int) -> bytes:
         key, label = self._keys[index]

@@ -217,28 +217,32 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
+    load_state(model, read_state_dict(path), f"--weights {path}")
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load a ViT body's weights (heads and MAE decoder ignored) through timm's remapping; errors name `where`."""
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    state = read_state_dict(path)
     state = {k: v for k, v in state.items() if not k.startswith(_IGNORED_PREFIXES)}
     # timm's filter would silently resample a patch embedding of another patch size: that is another teacher.
     theirs, ours = state.get("patch_embed.proj.weight"), model.patch_embed.proj.weight
     if theirs is not None and tuple(theirs.shape) != tuple(ours.shape):
-        raise AttncacheError(f"--weights {path}: does not match the teacher: patch embedding "
+        raise AttncacheError(f"{where}: does not match the teacher: patch embedding "
                              f"{tuple(theirs.shape)} vs {tuple(ours.shape)} (another patch size or width?)")
     try:
         state = checkpoint_filter_fn(state, model)  # timm's own remapping (pos-embed resize, original layouts)
     except Exception as exc:  # noqa: BLE001
-        raise AttncacheError(f"--weights {path}: does not fit {type(model).__name__}: {exc}") from exc
+        raise AttncacheError(f"{where}: does not fit {type(model).__name__}: {exc}") from exc
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches raise even with strict=False
         detail = " ".join(str(exc).split())
-        raise AttncacheError(f"--weights {path}: does not match the teacher architecture "
+        raise AttncacheError(f"{where}: does not match the teacher architecture "
                              f"({detail[:300]}{'...' if len(detail) > 300 else ''})") from exc
     missing = [k for k in missing if not k.startswith(_IGNORED_PREFIXES)]
     if missing or unexpected:
         raise AttncacheError(
-            f"--weights {path}: does not match the teacher architecture "
+            f"{where}: does not match the teacher architecture "
             f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]})"
         )

@@ -118,6 +118,90 @@ def verify(cache: str = typer.Argument(..., help="cache directory or URL")):
     typer.echo(f"ok: {result['files']} files, {result['records']} records, {result['bytes']:,} bytes")
 
 
+class Mode(str, Enum):
+    copy = "copy"
+    distill = "distill"
+    gta = "gta"
+    scratch = "scratch"
+    finetune = "finetune"
+
+
+@app.command()
+def train(
+    mode: Mode = typer.Option(..., help="copy | distill | gta (transfer), scratch | finetune (baselines)"),
+    out: Path = typer.Option(..., help="run directory (created; an unfinished run is resumed)"),
+    cache: str | None = typer.Option(None, help="train cache: teacher maps + views"),
+    data: str | None = typer.Option(None, help="train images joined to the cache by key (or live views)"),
+    val_cache: str | None = typer.Option(None, help="val cache (--split val); copy mode needs it"),
+    val_data: str | None = typer.Option(None, help="val images (joined to --val-cache, or centre crops)"),
+    student: str | None = typer.Option(None, help="timm name (default: the teacher's architecture)"),
+    student_arg: list[str] = typer.Option([], "--student-arg", help="timm kwarg KEY=VALUE for --student"),
+    teacher: str | None = typer.Option(None, help="live teacher instead of cached maps (baselines, parity)"),
+    weights: Path | None = typer.Option(None, help="teacher weights: live teacher, gta/finetune start"),
+    pretrained: bool = typer.Option(True, help="hub weights for a live teacher without --weights"),
+    image_size: int | None = typer.Option(None, help="live teacher input size"),
+    teacher_arg: list[str] = typer.Option([], "--teacher-arg", help="live teacher timm kwarg KEY=VALUE"),
+    layers: str | None = typer.Option(None, help="transferred layers (default: first depth-3; gta: all cached)"),
+    epochs: int = typer.Option(10), batch_size: int = typer.Option(64), lr: float = typer.Option(5e-4),
+    min_lr: float = typer.Option(1e-6), weight_decay: float = typer.Option(0.05),
+    beta2: float = typer.Option(0.999), warmup_epochs: float = typer.Option(1.0),
+    label_smoothing: float = typer.Option(0.1),
+    distill_weight: float = typer.Option(3.0, help="weight of the attention distillation loss"),
+    gta_weight: float = typer.Option(0.1, help="GTA lambda on the [CLS]-row logit L2 penalty"),
+    drop_path: float = typer.Option(0.0), clip_grad: float | None = typer.Option(None),
+    ema: float | None = typer.Option(None, help="EMA decay (e.g. 0.9999)"),
+    mixup: float = typer.Option(0.0, help="refused unless the cache carries mixed views"),
+    cutmix: float = typer.Option(0.0, help="refused unless the cache carries mixed views"),
+    seed: int = typer.Option(0), device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
+    amp: bool = typer.Option(True, help="bf16 autocast on CUDA (CPU runs fp32)"),
+    workers: int = typer.Option(2, help="DataLoader worker processes"),
+    max_steps: int | None = typer.Option(None, help="stop after N steps (checkpointed; resumable)"),
+    save_every: int | None = typer.Option(None, help="also checkpoint every N steps"),
+    log_every: int = typer.Option(10, help="steps per metrics.jsonl line"),
+    quiet: bool = typer.Option(False, help="no progress output"),
+):
+    """Train a student from a cache (or a live teacher); re-running the same command resumes."""
+    from attncache.teachers import parse_teacher_args
+    from attncache.train import TrainConfig
+    from attncache.train import train as run_train
+
+    try:
+        cfg = TrainConfig(
+            mode=mode.value, out=str(out), cache=cache, data=data, val_cache=val_cache, val_data=val_data,
+            student=student, student_args=parse_teacher_args(student_arg), teacher=teacher,
+            weights=str(weights) if weights else None, pretrained=pretrained, image_size=image_size,
+            teacher_args=parse_teacher_args(teacher_arg), layers=layers, epochs=epochs, batch_size=batch_size,
+            lr=lr, min_lr=min_lr, weight_decay=weight_decay, beta2=beta2, warmup_epochs=warmup_epochs,
+            label_smoothing=label_smoothing, distill_weight=distill_weight, gta_weight=gta_weight,
+            drop_path=drop_path, clip_grad=clip_grad, ema=ema, mixup=mixup, cutmix=cutmix, seed=seed,
+            device=device, amp=amp, workers=workers, max_steps=max_steps, save_every=save_every,
+            log_every=log_every, progress=not quiet)
+        results = run_train(cfg)
+    except AttncacheError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(results, indent=2))
+
+
+@app.command("eval")
+def evaluate(
+    checkpoint: Path = typer.Option(..., help="run directory (or its model/ema .safetensors)"),
+    val_cache: str | None = typer.Option(None, help="default: the run's"),
+    val_data: str | None = typer.Option(None, help="default: the run's"),
+    ensemble_with: Path | None = typer.Option(None, help="a finetune run: also report the averaged ensemble"),
+    ema: bool = typer.Option(False, help="evaluate the EMA weights"),
+    batch_size: int = typer.Option(64), device: str = typer.Option("cpu"), workers: int = typer.Option(0),
+):
+    """Top-1 of a trained student (and of its ensemble with a fine-tuned teacher)."""
+    from attncache.evaluate import evaluate_run
+
+    try:
+        result = evaluate_run(str(checkpoint), val_cache, val_data, str(ensemble_with) if ensemble_with else None,
+                              "ema" if ema else "model", device, batch_size, workers)
+    except AttncacheError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(result, indent=2))
+
+
 @bench_app.command("extract")
 def bench_extract(
     teacher: str = typer.Option("demo"), data: str = typer.Option("demo"), out: Path = typer.Option(...),

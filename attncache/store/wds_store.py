@@ -23,6 +23,7 @@ from .format import atomic_write_bytes
 
 SHARD_DIR = "shards"
 MAX_META_BYTES = 1 << 20
+MAX_IMAGE_BYTES = 256 << 20
 
 
 def shard_name(index: int) -> str:
@@ -117,3 +118,17 @@ class WdsReader(StoreReader):
         with fsspec.open(f"{self.root}/{shard_name(shard)}", "rb") as f:
             data = self._member(f, shard, f"{record_id(row)}.json", MAX_META_BYTES)
         return json.loads(data)
+
+    def read_images(self, rows: list[int]) -> list[bytes]:
+        """The embedded image bytes of each row (caches extracted with --embed-images)."""
+        out: list[bytes] = []
+        for row in rows:
+            shard = row // self.records_per_shard
+            prefix = f"{record_id(row)}."
+            fields = {f"{prefix}{name}" for name in (*self.fields, "json")}
+            name = next((m for m in self._shard_index(shard) if m.startswith(prefix) and m not in fields), None)
+            if name is None:
+                raise CacheFormatError(f"{shard_name(shard)}: record {record_id(row)} has no embedded image")
+            with fsspec.open(f"{self.root}/{shard_name(shard)}", "rb") as f:
+                out.append(self._member(f, shard, name, MAX_IMAGE_BYTES))
+        return out

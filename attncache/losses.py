@@ -1,0 +1,38 @@
+"""Losses of the transfer modes, written as the formulas in docs/training.md (and FACTS.md) state them.
+
+Teacher targets per mode, from cached or live maps of the transferred layers (B, L, H, Q, N):
+- copy / distill: probabilities (a logits payload goes through softmax; a probs payload is used as is);
+- gta: the [CLS]-query row of the logits (a probs payload cannot give logits back: refused earlier).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def teacher_targets(maps: torch.Tensor, payload: str, mode: str) -> torch.Tensor:
+    """(B, L, H, Q, N) maps as stored -> what `mode` consumes: probabilities, or [CLS] logit rows for gta."""
+    if mode == "gta":
+        return maps[:, :, :, :1, :].float()
+    return maps.float().softmax(dim=-1) if payload == "logits" else maps.float()
+
+
+def distill_loss(teacher_probs: torch.Tensor, student_logits: list[torch.Tensor]) -> torch.Tensor:
+    """Σ_layers −(softmax(t) · log_softmax(s)).sum(keys), averaged over batch, heads and queries."""
+    total = student_logits[0].new_zeros((), dtype=torch.float32)
+    for i, logits in enumerate(student_logits):
+        total = total + -(teacher_probs[:, i] * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+    return total
+
+
+def gta_loss(teacher_cls: torch.Tensor, student_cls: list[torch.Tensor]) -> torch.Tensor:
+    """Σ_layers ‖s_cls − t_cls‖² over keys, averaged over batch and heads ([CLS]-query logit rows)."""
+    total = student_cls[0].new_zeros((), dtype=torch.float32)
+    for i, logits in enumerate(student_cls):
+        total = total + (logits.float() - teacher_cls[:, i]).pow(2).sum(-1).mean()
+    return total
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
