@@ -161,7 +161,7 @@ class ViewStream(IterableDataset):
         embedded = cache.manifest["store"].get("embed_images")
         blobs = cache.reader.read_images(items) if embedded else [None] * len(items)
         images, labels = [], []
-        for row, blob in zip(items, blobs):
+        for row, blob in zip(items, blobs, strict=True):
             sample = cache.samples[sample_and_view(row, cache.num_samples)[0]]
             view = View.from_json({k: v for k, v in cache.views[row].items() if k not in ("sample", "view")})
             images.append(self._render(sample, view, blob))

@@ -265,10 +265,16 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------------------------
 
     def run(self) -> dict:
-        cfg = self.cfg
         state = self._claim_run_dir()
         if state == "finished":
             return json.loads((self.out / RESULTS).read_text())
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # the run's randomness (drop-path) is its own: seeded here
+            torch.manual_seed(self.cfg.seed)
+            return self._run(state)
+
+    def _run(self, state: str) -> dict:
+        cfg = self.cfg
         self.optimizer = self._optimizer()
         self.ema = None
         if cfg.ema:

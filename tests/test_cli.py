@@ -140,3 +140,26 @@ def test_cli_usage_errors_are_not_tracebacks():
     assert result.exit_code == 2 and "Missing option" in result.output
     result = runner.invoke(app, ["extract", "--teacher", "demo", "--data", "demo", "--out", "x", "--format", "npz"])
     assert result.exit_code == 2 and "npz" in result.output
+
+
+def test_train_and_eval_commands(cli_cache, tmp_path):
+    """`attncache train` on a wds cache with embedded images (its own val cache), then `attncache eval`."""
+    cache, _ = cli_cache
+    run = tmp_path / "run"
+    args = ["train", "--mode", "copy", "--cache", cache, "--val-cache", cache, "--out", run, "--epochs", "1",
+            "--batch-size", "4", "--workers", "0", "--quiet"]
+    result = _run(*args)
+    assert result.exit_code == 0, result.output
+    trained = json.loads(result.stdout)
+    assert trained["mode"] == "copy" and trained["layers"] == [0] and trained["val_images"] == 8
+    evaluated = _run("eval", "--checkpoint", run)
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["student_top1"] == trained["val_top1"]
+    # errors: one line, exit code 2, nothing written
+    bad = _run(*args[:-1], "--mixup", "0.8", "--quiet")
+    assert bad.exit_code == 2 and bad.stderr.startswith("error: --mixup/--cutmix: the cache carries no mixed")
+    missing = _run("train", "--mode", "distill", "--data", "demo", "--out", tmp_path / "x", "--quiet")
+    assert missing.exit_code == 2 and "needs teacher maps: pass --cache" in missing.stderr
+    assert not (tmp_path / "x").exists()
+    no_run = _run("eval", "--checkpoint", tmp_path)
+    assert no_run.exit_code == 2 and "not an attncache training run" in no_run.stderr

@@ -1,0 +1,215 @@
+"""Training from caches: parity with a live teacher, exact resume, workers, and every bad input the issue names."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_image_folder
+from safetensors.torch import load_file
+
+from attncache.errors import AttncacheError
+from attncache.evaluate import evaluate_run
+from attncache.extract import extract
+from attncache.train import TrainConfig, train
+
+
+@pytest.fixture(scope="session")
+def val_fp32(tmp_path_factory, tiny_teacher, image_folder) -> Path:
+    out = tmp_path_factory.mktemp("caches") / "val_fp32"
+    extract(tiny_teacher.config(image_folder, out, split="val", codec="fp32"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def logits_zarr(tmp_path_factory, tiny_teacher, image_folder) -> Path:
+    out = tmp_path_factory.mktemp("caches") / "logits"
+    extract(tiny_teacher.config(image_folder, out, views=2, codec="fp32", payload="logits"))
+    return out
+
+
+def config(tmp_path, name, mode, cache, data, **kw) -> TrainConfig:
+    base = dict(mode=mode, out=str(tmp_path / name), cache=str(cache) if cache else None,
+                data=str(data) if data else None, epochs=2, batch_size=2, workers=0, progress=False,
+                log_every=1, lr=1e-3, warmup_epochs=0.5)
+    return TrainConfig(**{**base, **kw})
+
+
+def losses(run: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path, atol: float = 0.0):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=atol, msg=k)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# parity: an exact cache trains exactly like the live teacher
+
+
+@pytest.mark.parametrize("mode", ["copy", "distill"])
+def test_cache_parity_with_live_teacher(tmp_path, mode, tiny_teacher, image_folder, folder_fp32_zarr, val_fp32):
+    common = dict(val_cache=str(val_fp32), val_data=str(image_folder), drop_path=0.1, layers="0-1")
+    cached = config(tmp_path, "cached", mode, folder_fp32_zarr, image_folder, **common)
+    live = config(tmp_path, "live", mode, folder_fp32_zarr, image_folder, teacher=tiny_teacher.name,
+                  weights=str(tiny_teacher.weights), teacher_args=tiny_teacher.args, **common)
+    r_cached, r_live = train(cached), train(live)
+    assert r_cached["steps"] == r_live["steps"] == 6  # 6 images, batch 2, 2 epochs
+    a, b = losses(tmp_path / "cached"), losses(tmp_path / "live")
+    assert len(a) == 6 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-6
+    assert a[0] != a[-1]  # it did train
+    assert_same_weights(tmp_path / "cached", tmp_path / "live", atol=1e-6)
+    assert r_cached["val_top1"] == r_live["val_top1"]
+
+
+def test_fp16_cache_trains_close_to_exact(tmp_path, image_folder, folder_fp16_zarr, folder_fp32_zarr, val_fp32):
+    a = train(config(tmp_path, "fp16", "distill", folder_fp16_zarr, image_folder))
+    b = train(config(tmp_path, "fp32", "distill", folder_fp32_zarr, image_folder))
+    assert a["steps"] == b["steps"]
+    assert max(abs(x - y) for x, y in zip(losses(tmp_path / "fp16"), losses(tmp_path / "fp32"), strict=True)) < 1e-2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# resume, workers, finished runs
+
+
+def test_interrupted_run_resumes_to_identical_weights(tmp_path, image_folder, folder_fp32_zarr, val_fp32):
+    kw = dict(val_cache=str(val_fp32), val_data=str(image_folder), ema=0.9, drop_path=0.2)
+    straight = train(config(tmp_path, "straight", "copy", folder_fp32_zarr, image_folder, **kw))
+    stopped = train(config(tmp_path, "resumed", "copy", folder_fp32_zarr, image_folder, max_steps=4, **kw))
+    assert stopped == {"stopped_at_step": 4, "epoch": 1}  # mid-epoch 2 (3 steps per epoch)
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    resumed = train(config(tmp_path, "resumed", "copy", folder_fp32_zarr, image_folder, **kw))
+    assert resumed == straight
+    assert_same_weights(tmp_path / "straight", tmp_path / "resumed")
+    for name in ("ema.safetensors",):
+        ea, eb = load_file(str(tmp_path / "straight" / name)), load_file(str(tmp_path / "resumed" / name))
+        assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")  # metrics not duplicated either
+    # a finished run is a no-op that returns its results
+    assert train(config(tmp_path, "resumed", "copy", folder_fp32_zarr, image_folder, **kw)) == straight
+
+
+def test_other_run_in_out_is_refused(tmp_path, image_folder, folder_fp32_zarr):
+    train(config(tmp_path, "run", "distill", folder_fp32_zarr, image_folder, epochs=1))
+    with pytest.raises(AttncacheError, match=r"another training run \(options \['lr'\] differ\)"):
+        train(config(tmp_path, "run", "distill", folder_fp32_zarr, image_folder, epochs=1, lr=0.1))
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("mine")
+    with pytest.raises(AttncacheError, match="not empty"):
+        train(config(tmp_path, "junk", "distill", folder_fp32_zarr, image_folder))
+    assert (tmp_path / "junk" / "notes.txt").read_text() == "mine"
+
+
+def test_worker_processes_give_the_same_run(tmp_path, image_folder, folder_fp16_zarr, folder_fp16_wds):
+    """zarr: the batch order does not depend on the number of workers (forkserver workers, cache opened inside)."""
+    train(config(tmp_path, "w0", "distill", folder_fp16_zarr, image_folder, workers=0))
+    train(config(tmp_path, "w2", "distill", folder_fp16_zarr, image_folder, workers=2))
+    assert_same_weights(tmp_path / "w0", tmp_path / "w2")
+    # webdataset cache with embedded images: no --data needed, streamed by shard through workers
+    r = train(config(tmp_path, "wds", "copy", folder_fp16_wds, None, workers=2, val_cache=str(folder_fp16_wds)))
+    assert 4 <= r["steps"] <= 6 and r["val_images"] == 6  # each worker drops its own incomplete last batch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the other modes
+
+
+def test_gta_from_logits_cache(tmp_path, tiny_teacher, image_folder, logits_zarr, other_tiny_teacher):
+    r = train(config(tmp_path, "gta", "gta", logits_zarr, image_folder, weights=str(tiny_teacher.weights),
+                     val_data=str(image_folder)))
+    assert r["layers"] == [0, 1] and r["steps"] == 6
+    first = [json.loads(x) for x in (tmp_path / "gta" / "metrics.jsonl").read_text().splitlines()][0]
+    # step 1 starts from the teacher's own weights: its [CLS] logits equal the cached ones, penalty ~0
+    assert first["transfer"] < 1e-8
+    with pytest.raises(AttncacheError, match="not the weights that made the maps"):
+        train(config(tmp_path, "gta2", "gta", logits_zarr, image_folder, weights=str(other_tiny_teacher.weights)))
+
+
+def test_baselines_with_live_views(tmp_path, tiny_teacher, image_folder):
+    """scratch / finetune need no cache: views drawn live from --data, the architecture from --teacher."""
+    kw = dict(teacher=tiny_teacher.name, weights=str(tiny_teacher.weights), teacher_args=tiny_teacher.args,
+              image_size=32, val_data=str(image_folder))
+    scratch = train(config(tmp_path, "scratch", "scratch", None, image_folder, **kw))
+    finetune = train(config(tmp_path, "ft", "finetune", None, image_folder, **kw))
+    assert scratch["steps"] == finetune["steps"] == 6 and scratch["val_images"] == 6
+    student, teacher = weights(tmp_path / "ft"), load_file(str(tiny_teacher.weights))
+    assert not torch.equal(student["blocks.0.attn.qkv.weight"], teacher["blocks.0.attn.qkv.weight"])  # trained
+    # distill with a live teacher and live views (no cache anywhere)
+    assert train(config(tmp_path, "live", "distill", None, image_folder, **kw))["steps"] == 6
+
+
+def test_eval_and_ensemble(tmp_path, tiny_teacher, image_folder, folder_fp32_zarr, val_fp32):
+    common = dict(val_cache=str(val_fp32), val_data=str(image_folder))
+    copy = train(config(tmp_path, "copy", "copy", folder_fp32_zarr, image_folder, **common))
+    train(config(tmp_path, "ft", "finetune", folder_fp32_zarr, image_folder, weights=str(tiny_teacher.weights),
+                 **common))
+    result = evaluate_run(str(tmp_path / "copy"), ensemble_with=str(tmp_path / "ft"))
+    assert result["student_top1"] == copy["val_top1"] and result["student_images"] == 6
+    assert {"finetuned_top1", "ensemble_top1"} <= set(result)
+    with pytest.raises(AttncacheError, match="needs the teacher's maps"):
+        _eval_without_cache(tmp_path / "copy", image_folder)
+
+
+def _eval_without_cache(run: Path, data: Path):
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["options"]["val_cache"] = None
+    (run / "config.json").write_text(json.dumps(cfg))
+    return evaluate_run(str(run), val_data=str(data))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad input: clear errors before training starts
+
+
+def test_bad_inputs(tmp_path, tiny_teacher, reg_teacher, image_folder, folder_fp32_zarr, val_fp32, logits_zarr):
+    def fails(match, **kw):
+        mode = kw.pop("mode", "copy")
+        cache = kw.pop("cache", folder_fp32_zarr)
+        data = kw.pop("data", image_folder)
+        kw.setdefault("val_cache", str(val_fp32))
+        kw.setdefault("val_data", str(image_folder))
+        with pytest.raises(AttncacheError, match=match):
+            train(config(tmp_path, "bad", mode, cache, data, **kw))
+        assert not (tmp_path / "bad" / "checkpoints").exists()
+
+    fails("have different teacher geometry", teacher=reg_teacher.name, weights=str(reg_teacher.weights),
+          image_size=28, teacher_args=reg_teacher.args)
+    one_layer = tmp_path / "layer1"
+    extract(tiny_teacher.config(image_folder, one_layer, layers="1", codec="fp32"))
+    fails(r"holds layers \[1\], --mode copy needs \[0\]", cache=one_layer)
+    fails(r"layer indices must lie in 0..1", mode="distill", layers="0-2")
+    fails("copy mode evaluates with the teacher.s maps", val_cache=None)
+    fails("regularises attention logits", mode="gta", weights=str(tiny_teacher.weights))
+    fails("no mixed views", mixup=0.8)
+    fails("needs teacher maps: pass --cache", cache=None)
+    fails("num_heads 2 vs 4", student=tiny_teacher.name, student_args={**tiny_teacher.args, "num_heads": 2})
+    fails("does not embed images: pass --data", data=None)
+    # an image missing for a cached key, and an image that changed since extraction
+    broken = make_image_folder(tmp_path / "broken")
+    (broken / "bee" / "b1.png").unlink()
+    fails(r"cached image\(s\) not found, e.g. 'bee/b1.png'", data=broken)
+    changed = make_image_folder(tmp_path / "changed")
+    (changed / "cat" / "c1.png").write_bytes((changed / "cat" / "c0.jpg").read_bytes())
+    with pytest.raises(AttncacheError, match=r"image 'cat/c1.png' .* differs from the one the cache"):
+        train(config(tmp_path, "run_changed", "copy", folder_fp32_zarr, changed, val_cache=str(val_fp32),
+                     val_data=str(image_folder)))
+
+
+def test_cache_keys_cannot_escape_the_data_folder(image_folder):
+    from attncache.data import FolderSource
+
+    source = FolderSource(image_folder)
+    for key in ("../secret.png", "/etc/passwd", "ant/../../x.png"):
+        with pytest.raises(AttncacheError, match="not a relative path inside"):
+            source.read_key(key)
