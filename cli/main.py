@@ -228,12 +228,14 @@ def bench_extract(
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("demo_out"), help="where the demo writes its caches")):
-    """End to end on the embedded demo set: tiny teacher -> extract (zarr and wds) -> inspect -> verify."""
+def demo(out: Path = typer.Option(Path("demo_out"), help="where the demo writes its caches and runs"),
+         epochs: int = typer.Option(30, help="training epochs of the teacher and of each student")):
+    """End to end on the embedded demo set: train a tiny teacher -> extract train/val caches -> verify ->
+    train scratch, copy and distill students from the cache -> results table."""
     from attncache.demo import run_demo
 
     try:
-        run_demo(out)
+        run_demo(out, epochs)
     except AttncacheError as exc:
         _fail(exc)
 

@@ -163,3 +163,13 @@ def test_train_and_eval_commands(cli_cache, tmp_path):
     assert not (tmp_path / "x").exists()
     no_run = _run("eval", "--checkpoint", tmp_path)
     assert no_run.exit_code == 2 and "not an attncache training run" in no_run.stderr
+
+
+def test_demo_end_to_end(tmp_path):
+    """`make demo` with one epoch per run: teacher -> caches -> verify -> scratch/copy/distill students -> table."""
+    result = _run("demo", "--out", tmp_path / "demo", "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    assert "copy" in result.stdout and "distill" in result.stdout and "(verify: ok)" in result.stdout
+    saved = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
+    assert saved["replay_max_abs_error"] < 1e-3
+    assert {f"student_{m}_val_top1" for m in ("scratch", "copy", "distill")} <= set(saved)
