@@ -130,8 +130,7 @@ def bench_extract(b: ExtractBench) -> dict:
     bound = 1 / (1 / teacher_rate + 1 / encode_write_rate) if shared else min(teacher_rate, encode_write_rate)
     raw = int(np.prod(maps[0].shape[1:])) * 2
     return {
-        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else f"cpu ({torch.get_num_threads()} threads)"),
+        "device": _device_name(device),
         "teacher": spec.model, "tokens": spec.num_tokens, "layers": len(layers), "views": n,
         "batch_size": b.batch_size, "format": b.format, "codec": b.codec,
         "teacher_views_per_s": round(teacher_rate, 2),
@@ -146,3 +145,98 @@ def bench_extract(b: ExtractBench) -> dict:
         "stored_bytes_per_view": round(stored, 1),
         "ratio_vs_raw_fp16": round(raw / stored, 3),
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training from a cache
+#
+# Cached training overlaps reading (worker processes: read, decompress, render) with the student's step (main
+# process: decode on the device, forward, backward). Its ideal rate is min(student-only, read+decode); the goal is
+# cached >= 0.9 x ideal. The live-teacher rate (same student, same views, maps from the teacher) is the baseline.
+
+
+@dataclass
+class TrainBench:
+    cache: str
+    data: str | None = None
+    out: str = "bench_out/train"
+    teacher: str | None = None  # live-teacher baseline; default: the cache's teacher architecture
+    weights: str | None = None
+    mode: str = "copy"
+    layers: str | None = None
+    batch_size: int = 16
+    steps: int = 20
+    warmup: int = 3
+    workers: int = 2
+    device: str = "cpu"
+
+
+def bench_train(b: TrainBench) -> dict:
+    from .cache import open_cache
+    from .loader import batches, make_loader
+    from .train import TrainConfig, Trainer
+
+    out, device = Path(b.out), torch.device(b.device)
+    shutil.rmtree(out, ignore_errors=True)
+    cache = open_cache(b.cache)
+    common = dict(mode=b.mode, cache=b.cache, data=b.data, layers=b.layers,
+                  batch_size=b.batch_size, workers=b.workers, device=b.device, progress=False)
+    cached = Trainer(TrainConfig(out=str(out / "cached"), **common), evaluate=False)
+    live = Trainer(TrainConfig(out=str(out / "live"), teacher=b.teacher or cache.teacher.model, weights=b.weights,
+                               pretrained=b.weights is None, **common), evaluate=False)
+    for trainer in (cached, live):
+        trainer.optimizer, trainer.ema = trainer._optimizer(), None
+
+    def timed(loader, work) -> float:
+        """images/s of `work(batch)` over `steps` batches after `warmup`, across epochs if needed."""
+        done, images, start = 0, 0, None
+        while True:
+            for batch in batches(loader):
+                if done == b.warmup:
+                    _sync(device)
+                    start, images = time.perf_counter(), 0
+                work(batch)
+                done += 1
+                images += len(batch["labels"])
+                if done == b.warmup + b.steps:
+                    _sync(device)
+                    return images / (time.perf_counter() - start)
+
+    def loader(trainer):
+        return make_loader(trainer.train_stream, b.workers, pin_memory=b.device.startswith("cuda"))
+
+    # read + decode alone: the loader's workers and the on-device decode, no student
+    read_rate = timed(loader(cached), lambda batch: cached.to_device(batch))
+    # student alone: one batch staged on the device, maps decoded once
+    images, labels, targets = cached.to_device(next(batches(loader(cached))))
+    staged = {"labels": labels}
+    student_rate = timed(_repeat(staged, b.warmup + b.steps),
+                         lambda _: cached.optimize(images, labels, targets, cached.cfg.lr))
+    cached_rate = timed(loader(cached), lambda batch: cached.train_step(batch, cached.cfg.lr))
+    live_rate = timed(loader(live), lambda batch: live.train_step(batch, live.cfg.lr))
+    ideal = min(student_rate, read_rate)
+    s = cache.summary()
+    return {
+        "device": _device_name(device), "mode": b.mode, "teacher": s["teacher"], "tokens": s["tokens"],
+        "layers": cached.layers, "codec": s["codec"], "store": s["store"], "batch_size": b.batch_size,
+        "workers": b.workers, "steps": b.steps, "torch_threads": torch.get_num_threads(),
+        "images_per_s": {"cached": cached_rate, "live_teacher": live_rate, "student_only": student_rate,
+                         "read_decode": read_rate},
+        "ideal_cached": ideal, "cached_vs_ideal": cached_rate / ideal, "cached_vs_live": cached_rate / live_rate,
+    }
+
+
+class _repeat:
+    """A stand-in loader that hands out the same staged batch (student-only rate)."""
+
+    def __init__(self, batch: dict, n: int):
+        self.batch, self.n = batch, n
+
+    def __iter__(self):
+        return iter([self.batch] * self.n)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"

@@ -128,7 +128,8 @@ class LiveMaps:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, evaluate: bool = True):
+        """`evaluate=False` (benchmarks) builds no val stream and needs no val cache."""
         self.cfg = cfg
         _check_options(cfg)
         self.out = Path(cfg.out)
@@ -144,10 +145,10 @@ class Trainer:
                                     and (flag == "--cache" or cfg.mode == "copy"))
         self.render_spec = RenderSpec.of(self.teacher)
         self.train_stream, self.num_classes = self._train_stream()
-        self.val_stream = self._val_stream()
+        self.val_stream = self._val_stream() if evaluate else None
         self._build_student()
         self.maps = self._map_source(self.cache)
-        self.val_maps = self._map_source(self.val_cache) if cfg.mode == "copy" else None
+        self.val_maps = self._map_source(self.val_cache) if cfg.mode == "copy" and evaluate else None
         self.steps_per_epoch = sum(len(self.train_stream.plan(0, w, max(1, cfg.workers)))
                                    for w in range(max(1, cfg.workers)))
         if self.steps_per_epoch == 0:
@@ -346,11 +347,19 @@ class Trainer:
         return step, consumed, False
 
     def train_step(self, batch: dict, lr: float) -> dict[str, torch.Tensor]:
-        """One optimisation step on one batch; returns detached losses."""
-        cfg = self.cfg
+        """One optimisation step on one batch from the loader; returns detached losses."""
+        images, labels, targets = self.to_device(batch)
+        return self.optimize(images, labels, targets, lr)
+
+    def to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Images and labels on the device, and the teacher targets decoded there (or computed live)."""
         images = batch["images"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
-        targets = self.maps(batch, images) if self.maps is not None else None
+        return images, labels, (self.maps(batch, images) if self.maps is not None else None)
+
+    def optimize(self, images: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None,
+                 lr: float) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with self._autocast():

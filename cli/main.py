@@ -227,6 +227,29 @@ def bench_extract(
     typer.echo(json.dumps(result, indent=2))
 
 
+@bench_app.command("train")
+def bench_train(
+    cache: str = typer.Option(..., help="train cache to read"), data: str | None = typer.Option(None),
+    out: Path = typer.Option(Path("bench_out/train"), help="scratch directory (removed first)"),
+    teacher: str | None = typer.Option(None, help="live-teacher baseline (default: the cache's architecture)"),
+    weights: Path | None = typer.Option(None, help="live teacher weights (default: hub)"),
+    mode: Mode = typer.Option(Mode.copy), layers: str | None = None, batch_size: int = typer.Option(16),
+    steps: int = typer.Option(20, help="measured steps per rate"), warmup: int = typer.Option(3),
+    workers: int = typer.Option(2), device: str = typer.Option("cpu"),
+):
+    """Images/s of cached training, live-teacher training, the student alone and the reader alone, in one run."""
+    from attncache.bench import TrainBench
+    from attncache.bench import bench_train as run
+
+    try:
+        result = run(TrainBench(cache=cache, data=data, out=str(out), teacher=teacher,
+                                weights=str(weights) if weights else None, mode=mode.value, layers=layers,
+                                batch_size=batch_size, steps=steps, warmup=warmup, workers=workers, device=device))
+    except AttncacheError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(result, indent=2))
+
+
 @app.command()
 def demo(out: Path = typer.Option(Path("demo_out"), help="where the demo writes its caches and runs"),
          epochs: int = typer.Option(30, help="training epochs of the teacher and of each student")):

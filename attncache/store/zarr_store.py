@@ -99,10 +99,12 @@ class ZarrReader(StoreReader):
         out = {}
         for name, array in self.arrays.items():
             try:
-                if len(rows) and np.all(np.diff(rows) == 1):  # contiguous: one slice, one read per shard
-                    out[name] = array[int(rows[0]):int(rows[-1]) + 1]
-                else:
-                    out[name] = array.get_orthogonal_selection((rows,))
+                # One slice per run of consecutive rows. zarr's orthogonal (fancy) selection over a sharded array
+                # is orders of magnitude slower for scattered rows (measured: 14 s vs 0.15 s for 8 rows of 7 MB).
+                runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1) if len(rows) else []
+                parts = [array[int(run[0]):int(run[-1]) + 1] for run in runs]
+                out[name] = parts[0] if len(parts) == 1 else (
+                    np.concatenate(parts) if parts else np.empty((0, *array.shape[1:]), array.dtype))
             except (IndexError, KeyError):
                 raise
             except Exception as exc:  # noqa: BLE001 - corrupt shard index or blosc frame (numcodecs raises many types)
