@@ -28,6 +28,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/attncache bench extract --teacher demo --data demo --out $(DEMO_OUT)/bench
+	test -f $(DEMO_OUT)/train_cache/manifest.json || $(MAKE) demo
+	$(BIN)/attncache bench train --cache $(DEMO_OUT)/train_cache --data demo \
+	  --weights $(DEMO_OUT)/teacher_run/model.safetensors --out $(DEMO_OUT)/bench_train
 
 lint: $(STAMP)
 	$(BIN)/ruff check attncache cli tests benchmarks

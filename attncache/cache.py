@@ -29,7 +29,7 @@ class CacheItem:
     view_index: int
     label: int
     view: View
-    maps: torch.Tensor  # (L, H, N, N) float32, decoded
+    maps: torch.Tensor  # (L, H, N, N) float32, decoded ((L, H, 1, N) for [CLS]-row codecs)
 
 
 class Cache:

@@ -550,6 +550,9 @@ def _check_cache_serves(cache: Cache, flag: str, teacher: TeacherSpec, layers: l
     if missing:
         raise AttncacheError(f"{flag} {cache.root}: holds layers {cache.layers}, --mode {mode} needs {layers} "
                              f"(missing {missing}); pass --layers or extract with --layers covering them")
+    if mode != "gta" and cache.codec.query_rows != "all":
+        raise AttncacheError(f"{flag} {cache.root}: codec {cache.codec.name!r} keeps only [CLS]-query rows; "
+                             f"--mode {mode} needs whole maps (extract with --codec fp16)")
     if mode == "gta" and cache.payload != "logits":
         raise AttncacheError(f"{flag} {cache.root}: holds softmax probabilities; --mode gta regularises "
                              "attention logits (extract with --payload logits)")

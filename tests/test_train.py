@@ -213,3 +213,24 @@ def test_cache_keys_cannot_escape_the_data_folder(image_folder):
     for key in ("../secret.png", "/etc/passwd", "ant/../../x.png"):
         with pytest.raises(AttncacheError, match="not a relative path inside"):
             source.read_key(key)
+
+
+def test_gta_from_a_cls_rows_cache(tmp_path, tiny_teacher, image_folder, logits_zarr):
+    """A cache of [CLS]-query logit rows only (codec `cls`) is all GTA needs; copy refuses it."""
+    cls_cache = tmp_path / "cls"
+    extract(tiny_teacher.config(image_folder, cls_cache, views=2, payload="logits", codec="cls"))
+    from attncache import open_cache
+
+    full, rows = open_cache(str(logits_zarr)), open_cache(str(cls_cache))
+    assert rows.read_rows([0, 7]).shape == (2, 2, 4, 1, 17)
+    torch.testing.assert_close(rows.read_rows([0, 7]), full.read_rows([0, 7])[:, :, :, :1].half().float())
+    assert rows.summary()["shard_bytes"] < full.summary()["shard_bytes"] / 8
+    kw = dict(weights=str(tiny_teacher.weights))
+    a = train(config(tmp_path, "gta_cls", "gta", cls_cache, image_folder, **kw))
+    b = train(config(tmp_path, "gta_full", "gta", logits_zarr, image_folder, **kw))
+    assert a["steps"] == b["steps"]
+    assert max(abs(x - y) for x, y in zip(losses(tmp_path / "gta_cls"), losses(tmp_path / "gta_full"),
+                                         strict=True)) < 1e-3  # fp16 rows vs fp32 maps
+    with pytest.raises(AttncacheError, match="keeps only \\[CLS\\]-query rows; --mode copy needs whole maps"):
+        train(config(tmp_path, "copy_cls", "copy", cls_cache, image_folder, val_cache=str(cls_cache),
+                     val_data=str(image_folder)))

@@ -33,6 +33,7 @@ class FieldSpec:
 class Codec:
     name: str = ""
     lossless: bool = False
+    query_rows: str = "all"  # "all": decode gives (B, L, H, N, N); "cls": only the [CLS]-query row, (B, L, H, 1, N)
 
     def __init__(self, **params):
         self.params = params
@@ -50,7 +51,8 @@ class Codec:
         raise NotImplementedError
 
     def decode(self, fields: dict[str, torch.Tensor]) -> torch.Tensor:
-        """{field: (B, *shape) tensor on the target device} -> (B, L, H, N, N) float32 maps on that device."""
+        """{field: (B, *shape) tensor on the target device} -> (B, L, H, Q, N) float32 maps on that device
+        (Q = N, or 1 for codecs that keep only the [CLS]-query rows)."""
         raise NotImplementedError
 
     def to_json(self) -> dict:

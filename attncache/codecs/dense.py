@@ -52,3 +52,23 @@ class Fp32Codec(DenseCodec):
     name = "fp32"
     dtype = "float32"
     lossless = True
+
+
+@register_codec
+class ClsCodec(DenseCodec):
+    """Only the [CLS]-query row of each map, fp16 (L, H, N): all GTA needs, N times smaller than `fp16`.
+    Extract it with `--payload logits`; copy and distill, which need whole maps, refuse it."""
+
+    name = "cls"
+    dtype = "float16"
+    query_rows = "cls"
+
+    def fields(self, map_shape):
+        layers, heads, _, tokens = map_shape
+        return {"cls": FieldSpec((layers, heads, tokens), self.dtype)}
+
+    def encode(self, maps):
+        return {"cls": maps[:, :, :, 0, :].detach().to(torch.float16).cpu().numpy()}
+
+    def decode(self, fields):
+        return fields["cls"].float().unsqueeze(-2)
