@@ -16,7 +16,7 @@ from .errors import AttncacheError
 from .loader import make_loader
 from .student import MAP_MODES, StudentSpec, create_student, enable_transfer
 from .teachers import TeacherSpec, read_state_dict
-from .train import CONFIG, CachedMaps, _open, accuracy, eval_stream, predict
+from .train import CONFIG, CachedMaps, accuracy, eval_stream, open_cache_option, predict
 
 
 def evaluate_run(run: str, val_cache: str | None = None, val_data: str | None = None,
@@ -67,7 +67,7 @@ class _Student:
         self.model.to(self.device).eval()
 
     def predict(self, val_cache: str | None, val_data: str | None, batch_size: int, workers: int):
-        cache = _open(val_cache, "--val-cache")
+        cache = open_cache_option(val_cache, "--val-cache")
         needs_maps = self.mode == "copy"
         if needs_maps and cache is None:
             raise AttncacheError(f"{self.run}: a copy-mode student needs the teacher's maps: pass --val-cache")

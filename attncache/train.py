@@ -134,8 +134,8 @@ class Trainer:
         _check_options(cfg)
         self.out = Path(cfg.out)
         self.device = torch.device(cfg.device)
-        self.cache = _open(cfg.cache, "--cache")
-        self.val_cache = _open(cfg.val_cache, "--val-cache")
+        self.cache = open_cache_option(cfg.cache, "--cache")
+        self.val_cache = open_cache_option(cfg.val_cache, "--val-cache")
         self.live_teacher, self.teacher = self._teacher()
         self.layers = self._transfer_layers()
         for cache, flag in ((self.cache, "--cache"), (self.val_cache, "--val-cache")):
@@ -521,7 +521,8 @@ def _check_options(cfg: TrainConfig) -> None:
         raise AttncacheError(f"--mode {cfg.mode} needs teacher maps: pass --cache (or --teacher for a live teacher)")
 
 
-def _open(root: str | None, flag: str) -> Cache | None:
+def open_cache_option(root: str | None, flag: str) -> Cache | None:
+    """open_cache for a command-line option: errors name the option (`--val-cache ...: ...`)."""
     if root is None:
         return None
     try:
