@@ -48,7 +48,7 @@ def extract(
     split: Split = typer.Option(Split.train, help="train: random resized crops + flip; val: one center crop"),
     layers: str = typer.Option("all", help="all | reference (first depth-3) | indices like 0,1,4-8"),
     payload: str = typer.Option("probs", help="probs (softmax maps) or logits (pre-softmax)"),
-    codec: str = typer.Option("fp16", help="fp16 | fp32"),
+    codec: str = typer.Option("fp16", help="fp16 | fp32 | cls ([CLS]-query rows only, for gta)"),
     codec_arg: list[str] = typer.Option([], "--codec-arg", help="codec parameter KEY=VALUE (e.g. clevel=5)"),
     batch_size: int = typer.Option(32, help="teacher batch size"),
     device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
