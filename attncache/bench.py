@@ -208,7 +208,8 @@ def bench_train(b: TrainBench) -> dict:
     # read + decode alone: the loader's workers and the on-device decode, no student
     read_rate = timed(loader(cached), lambda batch: cached.to_device(batch))
     # student alone: one batch staged on the device, maps decoded once
-    images, labels, targets = cached.to_device(next(batches(loader(cached))))
+    stream = cached.train_stream
+    images, labels, targets = cached.to_device(stream.load(0, stream.plan(0)[0]))
     staged = {"labels": labels}
     student_rate = timed(_repeat(staged, b.warmup + b.steps),
                          lambda _: cached.optimize(images, labels, targets, cached.cfg.lr))

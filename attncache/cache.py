@@ -100,9 +100,12 @@ class Cache:
             raise IndexError(row)
         sample_index, view_index = sample_and_view(row, self.num_samples)
         sample = self.samples[sample_index]
-        params = {k: v for k, v in self.views[row].items() if k not in ("sample", "view")}
-        return CacheItem(sample["key"], view_index, sample["label"], View.from_json(params),
+        return CacheItem(sample["key"], view_index, sample["label"], self.view(row),
                          self.read_rows([row], device)[0])
+
+    def view(self, row: int) -> View:
+        """The stored view parameters of a record (what `render()` replays)."""
+        return View.from_json({k: v for k, v in self.views[row].items() if k not in ("sample", "view")})
 
     def __getitem__(self, index) -> CacheItem:
         if isinstance(index, tuple):

@@ -127,6 +127,7 @@ class WebDatasetSource(Source):
         self.urls, self.limit = urls, limit
         self.description = f"webdataset:{urls}"
         self.classes = []
+        self._bytes: dict[str, bytes] | None = None
 
     def _iter_raw(self) -> Iterator[tuple[str, bytes, int]]:
         import webdataset as wds
@@ -164,7 +165,7 @@ class WebDatasetSource(Source):
     def _by_key(self) -> dict[str, bytes]:
         # A tar stream has no random access: training from a webdataset image source holds its bytes in memory
         # (extract with --embed-images for large sets: the cache then carries the images itself).
-        if getattr(self, "_bytes", None) is None:
+        if self._bytes is None:
             self._bytes = {key: data for key, data, _ in self._iter_raw()}
         return self._bytes
 

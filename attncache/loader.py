@@ -21,6 +21,7 @@ in an unusable state.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 
@@ -52,9 +53,11 @@ class ViewStream(IterableDataset):
     """Yields ready batches: {"images", "labels", "rows", "fields", "worker", "index"} (or {"error": msg})."""
 
     def __init__(self, *, render_spec: RenderSpec, batch_size: int, shuffle: bool, seed: int = 0,
-                 cache_root: str | None = None, with_maps: bool = True, source: Source | None = None,
+                 cache=None, cache_root: str | None = None, with_maps: bool = True, source: Source | None = None,
                  samples: list[dict] | None = None, policy: ViewPolicy | None = None,
                  rank: int = 0, world_size: int = 1, shuffle_buffer: int = 2048, drop_last: bool | None = None):
+        """`cache` (an open Cache, reused in this process) or `cache_root`; or live `samples` + `policy`."""
+        cache_root = cache.root if cache is not None else cache_root
         if cache_root is None and (samples is None or policy is None):
             raise ValueError("a live stream needs samples and a view policy")
         self.render_spec, self.batch_size, self.shuffle, self.seed = render_spec, batch_size, shuffle, seed
@@ -63,7 +66,7 @@ class ViewStream(IterableDataset):
         self.rank, self.world_size, self.shuffle_buffer = rank, world_size, shuffle_buffer
         self.drop_last = shuffle if drop_last is None else drop_last
         self.start_epoch, self._skip, self._iterations = 0, {}, 0
-        self._cache = None
+        self._cache = cache
 
     def __getstate__(self):  # workers open their own cache (see module docstring)
         return {**self.__dict__, "_cache": None}
@@ -163,7 +166,7 @@ class ViewStream(IterableDataset):
         images, labels = [], []
         for row, blob in zip(items, blobs, strict=True):
             sample = cache.samples[sample_and_view(row, cache.num_samples)[0]]
-            view = View.from_json({k: v for k, v in cache.views[row].items() if k not in ("sample", "view")})
+            view = cache.view(row)
             images.append(self._render(sample, view, blob))
             labels.append(sample["label"])
         return {"images": torch.stack(images), "labels": torch.tensor(labels, dtype=torch.int64),
@@ -172,8 +175,7 @@ class ViewStream(IterableDataset):
     def _load_live(self, epoch: int, items: list[int]) -> dict:
         policy = self.policy
         if policy.split == "train":  # a fresh draw every epoch, still a pure function of (seed, epoch, key)
-            policy = ViewPolicy(split="train", seed=self.seed * 1_000_003 + epoch, scale=policy.scale,
-                                ratio=policy.ratio, hflip=policy.hflip)
+            policy = dataclasses.replace(policy, views_per_image=1, seed=self.seed * 1_000_003 + epoch)
         images = []
         for i in items:
             sample = self._samples[i]

@@ -22,7 +22,7 @@ from timm.models.vision_transformer import Attention
 from torch import nn
 
 from .errors import AttncacheError
-from .teachers import TeacherSpec, describe, load_state, read_state_dict, state_dict_sha256
+from .teachers import TeacherSpec, geometry, geometry_differences, load_state, read_state_dict, state_dict_sha256
 
 MODES = ("copy", "distill", "gta", "scratch", "finetune")
 MAP_MODES = ("copy", "distill", "gta")  # modes that consume teacher maps
@@ -140,13 +140,10 @@ def check_geometry(student: nn.Module, spec: StudentSpec, teacher: TeacherSpec, 
     """A student may differ from the teacher only where maps still fit: layers, heads and tokens must match."""
     if not hasattr(student, "blocks") or not hasattr(student, "patch_embed"):
         raise AttncacheError(f"--student {spec.model!r}: not a timm VisionTransformer")
-    got = describe(student, spec.model, "random", {})
-    problems = []
-    if layers and max(layers) >= got.depth:
-        problems.append(f"{got.depth} layers (needs layer {max(layers)})")
-    for field in ("num_heads", "num_tokens", "num_prefix_tokens"):
-        if getattr(got, field) != getattr(teacher, field):
-            problems.append(f"{field} {getattr(got, field)} vs {getattr(teacher, field)}")
+    got = geometry(student, spec.model)
+    problems = geometry_differences(got, vars(teacher), ("num_heads", "num_tokens", "num_prefix_tokens"))
+    if layers and max(layers) >= got["depth"]:
+        problems.insert(0, f"{got['depth']} layers (needs layer {max(layers)})")
     if problems:
         raise AttncacheError(f"--student {spec.model!r} does not fit the maps of {where} "
                              f"(teacher {teacher.model}): " + "; ".join(problems))

@@ -152,8 +152,16 @@ def _check_is_vit(model: nn.Module, name: str) -> None:
             raise AttncacheError(f"teacher {name!r} block {i}: unsupported attention module {type(attn).__name__}")
 
 
-def describe(model: nn.Module, model_name: str, weights_source: str, model_args: dict) -> TeacherSpec:
-    cfg = getattr(model, "pretrained_cfg", {}) or {}
+GEOMETRY = ("image_size", "patch_size", "depth", "num_heads", "num_tokens", "num_prefix_tokens")
+
+
+def geometry_differences(a: dict, b: dict, fields=GEOMETRY) -> list[str]:
+    """`field a vs b` for each geometry field where two `geometry()` dicts (or `vars(TeacherSpec)`) differ."""
+    return [f"{f} {a[f]} vs {b[f]}" for f in fields if a[f] != b[f]]
+
+
+def geometry(model: nn.Module, model_name: str) -> dict:
+    """Layers, heads, tokens and sizes of a timm ViT (cheap: no weight hashing)."""
     grid = model.patch_embed.grid_size
     patch = model.patch_embed.patch_size
     image_size = model.patch_embed.img_size
@@ -163,15 +171,16 @@ def describe(model: nn.Module, model_name: str, weights_source: str, model_args:
         raise AttncacheError(f"teacher {model_name!r}: image size {image_size[0]} is not a multiple of its "
                              f"patch size {patch[0]}")
     prefix = int(getattr(model, "num_prefix_tokens", 1))
+    return dict(image_size=int(image_size[0]), patch_size=int(patch[0]), depth=len(model.blocks),
+                num_heads=int(model.blocks[0].attn.num_heads), embed_dim=int(model.embed_dim),
+                num_prefix_tokens=prefix, num_tokens=prefix + int(grid[0] * grid[1]))
+
+
+def describe(model: nn.Module, model_name: str, weights_source: str, model_args: dict) -> TeacherSpec:
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
     return TeacherSpec(
         model=model_name,
-        image_size=int(image_size[0]),
-        patch_size=int(patch[0]),
-        depth=len(model.blocks),
-        num_heads=int(model.blocks[0].attn.num_heads),
-        embed_dim=int(model.embed_dim),
-        num_prefix_tokens=prefix,
-        num_tokens=prefix + int(grid[0] * grid[1]),
+        **geometry(model, model_name),
         mean=tuple(float(x) for x in cfg.get("mean", (0.485, 0.456, 0.406))),
         std=tuple(float(x) for x in cfg.get("std", (0.229, 0.224, 0.225))),
         interpolation=str(cfg.get("interpolation", "bicubic")),

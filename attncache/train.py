@@ -39,7 +39,7 @@ from .student import (
     student_forward,
     student_spec,
 )
-from .teachers import TeacherSpec, build_teacher
+from .teachers import TeacherSpec, build_teacher, geometry_differences
 from .views import ViewPolicy
 
 CONFIG, METRICS, RESULTS = "config.json", "metrics.jsonl", "results.json"
@@ -188,11 +188,11 @@ class Trainer:
     def _train_stream(self) -> tuple[ViewStream, int]:
         cfg = self.cfg
         source = open_source(cfg.data, "train") if cfg.data else None
-        common = dict(render_spec=RenderSpec.of(self.teacher), batch_size=cfg.batch_size, shuffle=True,
-                      seed=cfg.seed, source=source)
+        common = dict(render_spec=self.render_spec, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed,
+                      source=source)
         if self.cache is not None:
             _check_images(self.cache, source, "--cache", "--data")
-            stream = ViewStream(cache_root=self.cache.root, with_maps=self.live_teacher is None
+            stream = ViewStream(cache=self.cache, with_maps=self.live_teacher is None
                                 and cfg.mode in MAP_MODES, **common)
             samples, classes = self.cache.samples, self.cache.manifest["dataset"]["classes"]
         else:
@@ -221,13 +221,12 @@ class Trainer:
         self.model = create_student(self.student_spec, seed=cfg.seed)
         check_geometry(self.model, self.student_spec, self.teacher, self.layers,
                        self.cfg.cache or self.cfg.teacher or "the teacher")
-        self.init_weights_sha256 = None
         if cfg.mode in PRETRAINED_MODES:
-            self.init_weights_sha256 = load_pretrained(self.model, cfg.weights, self.teacher, cfg.mode)
-            if cfg.mode == "gta" and self.init_weights_sha256 != self.teacher.weights_sha256:
+            start_sha256 = load_pretrained(self.model, cfg.weights, self.teacher, cfg.mode)
+            if cfg.mode == "gta" and start_sha256 != self.teacher.weights_sha256:
                 raise AttncacheError(
                     f"--mode gta regularises towards the model it starts from, but --weights "
-                    f"({self.init_weights_sha256[:12]}) are not the weights that made the maps "
+                    f"({start_sha256[:12]}) are not the weights that made the maps "
                     f"({self.teacher.weights_sha256[:12]})")
         enable_transfer(self.model, self.layers)
         self.model.to(self.device)
@@ -287,8 +286,7 @@ class Trainer:
             step, epoch, consumed = self._load_checkpoint()
             self._log(f"resuming at epoch {epoch}, step {step}")
         self._truncate_metrics(step)
-        consumed = self._skips(consumed)  # batches each worker already delivered in this epoch
-        self.train_stream.resume_at(epoch, consumed)
+        self.train_stream.resume_at(epoch, consumed)  # batches each worker already delivered in this epoch
         loader = make_loader(self.train_stream, cfg.workers, pin_memory=self.device.type == "cuda")
         val_loader = make_loader(self.val_stream, cfg.workers) if self.val_stream is not None else None
         self.tb = _tensorboard(self.out)
@@ -462,20 +460,13 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         consumed = {int(k): v for k, v in state["consumed"].items()}
         if consumed and state["workers"] != self.cfg.workers:
-            if self.train_stream.cache is not None and \
-                    self.train_stream.cache.manifest["store"]["format"] == "wds":
+            if self.cache is not None and self.cache.manifest["store"]["format"] == "wds":
                 raise AttncacheError(f"{path}: stopped mid-epoch with --workers {state['workers']}; webdataset "
                                      "streams are split by worker, resume with the same --workers")
-            consumed = {"total": sum(consumed.values())}
+            # Round-robin streams: the first `done` global batches were trained on, whatever the worker count.
+            done, workers = sum(consumed.values()), max(1, self.cfg.workers)
+            consumed = {w: max(0, (done - w + workers - 1) // workers) for w in range(workers)}
         return state["step"], state["epoch"], consumed
-
-    def _skips(self, consumed: dict) -> dict[int, int]:
-        """Batches each worker skips on resume. Round-robin streams only need the number of batches done."""
-        workers = max(1, self.cfg.workers)
-        if "total" in consumed:
-            done = consumed["total"]
-            return {w: max(0, (done - w + workers - 1) // workers) for w in range(workers)}
-        return consumed
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metrics logged after the checkpoint we resume from (they are about to be recomputed)."""
@@ -532,8 +523,7 @@ def open_cache_option(root: str | None, flag: str) -> Cache | None:
 
 
 def _check_same_geometry(a: TeacherSpec, b: TeacherSpec, flag_a: str, flag_b: str) -> None:
-    fields = ("image_size", "patch_size", "depth", "num_heads", "num_tokens", "num_prefix_tokens")
-    diff = [f"{f} {getattr(a, f)} vs {getattr(b, f)}" for f in fields if getattr(a, f) != getattr(b, f)]
+    diff = geometry_differences(vars(a), vars(b))
     if diff:
         raise AttncacheError(f"{flag_a} and {flag_b} have different teacher geometry: " + "; ".join(diff))
 
@@ -579,7 +569,7 @@ def eval_stream(val_cache: Cache | None, val_data: str | None, teacher: TeacherS
     common = dict(render_spec=RenderSpec.of(teacher), batch_size=batch_size, shuffle=False, source=source)
     if val_cache is not None:
         _check_images(val_cache, source, "--val-cache", "--val-data")
-        stream = ViewStream(cache_root=val_cache.root, with_maps=with_maps, **common)
+        stream = ViewStream(cache=val_cache, with_maps=with_maps, **common)
         samples = val_cache.samples
     else:
         samples = [s.to_json() for s in source.scan()]
