@@ -93,8 +93,10 @@ def bench_extract(b: ExtractBench) -> dict:
 
     # encode + write alone, from maps already in memory
     codec = get_codec(b.codec)
-    maps = [capture(x).cpu() for x in batches]
-    fields = codec.fields(tuple(maps[0].shape[1:]))
+    payload = codec.payloads[0]
+    codec_capture = AttentionCapture(model, layers, payload)
+    maps = [codec_capture(x).cpu() for x in batches]
+    fields = codec.fields(spec.capture_shape(len(layers)))
     work = Path(tempfile.mkdtemp(prefix="attncache-bench-"))
 
     stored_bytes: list[int] = []
@@ -103,7 +105,7 @@ def bench_extract(b: ExtractBench) -> dict:
         root = work / f"ew-{time.perf_counter_ns()}"
         writer = WRITERS[b.format](root, fields, codec.compressor(), n, b.batch_size)
         for i, m in enumerate(maps):
-            writer.write_shard(i, codec.encode(m), [{}] * len(m))
+            writer.write_shard(i, codec.encode(m, payload), [{}] * len(m))
         stored_bytes.append(sum((root / p).stat().st_size for i in range(len(maps)) for p in writer.shard_paths(i)))
         shutil.rmtree(root)
 
@@ -128,7 +130,7 @@ def bench_extract(b: ExtractBench) -> dict:
 
     shared = device.type == "cpu"
     bound = 1 / (1 / teacher_rate + 1 / encode_write_rate) if shared else min(teacher_rate, encode_write_rate)
-    raw = int(np.prod(maps[0].shape[1:])) * 2
+    raw = int(np.prod(spec.capture_shape(len(layers)).map_shape)) * 2
     return {
         "device": _device_name(device),
         "teacher": spec.model, "tokens": spec.num_tokens, "layers": len(layers), "views": n,

@@ -29,7 +29,7 @@ class CacheItem:
     view_index: int
     label: int
     view: View
-    maps: torch.Tensor  # (L, H, N, N) float32, decoded ((L, H, 1, N) for [CLS]-row codecs)
+    maps: torch.Tensor  # (L, H, N, N) float32, decoded: probs or logits (cache.decodes_to); (L, H, 1, N) for `cls`
 
 
 class Cache:
@@ -42,12 +42,27 @@ class Cache:
         self.layers: list[int] = m["capture"]["layers"]
         self.payload: str = m["capture"]["payload"]
         self.codec = get_codec(m["codec"]["name"], **m["codec"]["params"])
+        self.decodes_to: str = self.codec.decodes_to(self.payload)  # "probs" or "logits"
+        self._check_codec()
         self.num_samples: int = m["dataset"]["num_samples"]
         self.views_per_image: int = m["views"]["views_per_image"]
         self._samples: list[dict] | None = None
         self._views: list[dict] | None = None
         self._key_index: dict[str, int] | None = None
         self.reader = READERS[m["store"]["format"]](self.root, m)
+
+    def _check_codec(self) -> None:
+        """The manifest's fields and compressor must be exactly what its codec and parameters produce: a reader
+        never trusts a shape or dtype the codec would not have written."""
+        m, codec = self.manifest, self.codec
+        if self.payload not in codec.payloads:
+            raise CacheFormatError(f"{self.root}: codec {codec.name!r} cannot hold payload {self.payload!r}")
+        expected = codec.fields(self.teacher.capture_shape(len(self.layers)))
+        if m["codec"]["fields"] != {k: v.to_json() for k, v in expected.items()}:
+            raise CacheFormatError(f"{self.root}: manifest codec.fields do not match codec {codec.name!r} "
+                                   f"with params {codec.params}")
+        if m["codec"].get("compressor") != codec.compressor():
+            raise CacheFormatError(f"{self.root}: manifest codec.compressor does not match codec {codec.name!r}")
 
     def _read(self, relpath: str, limit: int) -> bytes:
         try:
@@ -90,7 +105,8 @@ class Cache:
         return row_of(self._key_index[key], view, self.num_samples)
 
     def read_rows(self, rows: list[int], device: str | torch.device = "cpu") -> torch.Tensor:
-        """Decoded maps (len(rows), L, H, N, N) float32 on `device`; only compact fields travel to the device."""
+        """Decoded maps (len(rows), L, H, N, N) float32 on `device` (probs or logits: `decodes_to`); only the
+        compact fields travel to the device."""
         fields = self.reader.read(list(rows))
         tensors = {k: torch.from_numpy(v).to(device) for k, v in fields.items()}
         return self.codec.decode(tensors)
@@ -123,6 +139,7 @@ class Cache:
             "teacher": m["teacher"]["model"], "weights_sha256": m["teacher"]["weights_sha256"][:16],
             "image_size": m["teacher"]["image_size"], "tokens": m["teacher"]["num_tokens"],
             "heads": m["teacher"]["num_heads"], "layers": self.layers, "payload": self.payload,
+            "decodes_to": self.decodes_to,
             "codec": m["codec"]["name"], "store": m["store"]["format"],
             "samples": self.num_samples, "views_per_image": self.views_per_image, "records": len(self),
             "shards": len(m["store"]["shards"]), "split": m["views"]["split"],

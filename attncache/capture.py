@@ -5,6 +5,8 @@
   by construction the map the block multiplies with V.
 - payload "logits": hooks on `attn.q_norm` / `attn.k_norm` (identity unless qk-norm is on) see q and k as the
   block uses them; the logits are formed with timm's explicit-path formula `(q * scale) @ kᵀ`.
+- payload "qk": the same hooks keep `q * scale` and k themselves, (B, L, 2, H, N, head_dim): N·d numbers per head
+  instead of N², from which `(q * scale) @ kᵀ` gives the logits back (the `qk` codecs).
 
 The forward stops after the last captured layer (later layers cannot change earlier maps).
 """
@@ -18,7 +20,7 @@ from torch import nn
 
 from .errors import AttncacheError
 
-PAYLOADS = ("probs", "logits")
+PAYLOADS = ("probs", "logits", "qk")
 
 
 def parse_layers(spec: str | Sequence[int] | None, depth: int) -> list[int]:
@@ -50,7 +52,8 @@ def parse_layers(spec: str | Sequence[int] | None, depth: int) -> list[int]:
 class AttentionCapture:
     """Call with a batch of images; returns (B, L, H, N, N) float32 maps of the chosen layers.
 
-    payload "logits": pre-softmax `(q·scale) kᵀ`; "probs": their softmax (what copy/distill consume).
+    payload "logits": pre-softmax `(q·scale) kᵀ`; "probs": their softmax (what copy/distill consume);
+    "qk": (B, L, 2, H, N, head_dim), `q·scale` and k.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[int], payload: str = "probs"):
@@ -69,7 +72,7 @@ class AttentionCapture:
                 self._handles.append(attn.attn_drop.register_forward_pre_hook(self._keep_probs))
             else:
                 self._handles.append(attn.q_norm.register_forward_hook(self._keep_q))
-                self._handles.append(attn.k_norm.register_forward_hook(self._make_logits_hook(attn.scale)))
+                self._handles.append(attn.k_norm.register_forward_hook(self._make_k_hook(attn.scale)))
 
     def close(self) -> None:
         """Remove the hooks (the captured blocks keep the explicit attention path, which computes the same)."""
@@ -93,13 +96,16 @@ class AttentionCapture:
         if self._active:
             self._q = q
 
-    def _make_logits_hook(self, scale: float):
+    def _make_k_hook(self, scale: float):
         def hook(module, inputs, k):
             if not self._active:
                 return
             # Same operations, same order as timm's non-fused path: bit-identical logits in fp32.
             q = self._q.float() * scale
-            self._store(q @ k.float().transpose(-2, -1))
+            if self.payload == "qk":
+                self._store(torch.stack([q, k.float()], dim=1))
+            else:
+                self._store(q @ k.float().transpose(-2, -1))
             self._q = None
 
         return hook

@@ -75,7 +75,7 @@ def _replay(out: Path, weights: Path) -> float:
     data = open_source("demo").read_key(item.key)
     t = cache.teacher
     x = render(open_image(data, item.key), item.view, t.image_size, t.interpolation, t.mean, t.std)
-    live = AttentionCapture(model, cache.layers, cache.payload)(x[None])[0]
+    live = AttentionCapture(model, cache.layers, cache.decodes_to)(x[None])[0]
     err = (live - item.maps).abs().max().item()
     print(f"  replay of {item.key} view 1 {item.view.to_json()}: max |cached - live teacher| = {err:.2e} (fp16)")
     return err

@@ -26,7 +26,7 @@ import torch
 
 from . import __version__
 from .capture import PAYLOADS, AttentionCapture, parse_layers
-from .codecs import get_codec
+from .codecs import Codec, get_codec
 from .data import IMAGE_EXTENSIONS, open_image, open_source
 from .errors import AttncacheError
 from .store import WRITERS
@@ -63,7 +63,7 @@ class ExtractConfig:
     views: int = 1
     split: str = "train"
     layers: str = "all"
-    payload: str = "probs"
+    payload: str | None = None  # None: the codec's default (probs for fp16, qk for qk/lowrank, logits for cls)
     codec: str = "fp16"
     codec_params: dict = field(default_factory=dict)
     batch_size: int = 32
@@ -87,10 +87,10 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, s
     `on_shard(i)` is called after shard i is durable; `stats`, if given, receives the pipeline's wall time and
     the number of records it processed (for benchmarks).
     """
-    _check_options(cfg)
+    codec = _check_options(cfg)
+    payload = cfg.payload or codec.payloads[0]
     out = Path(cfg.out)
     _check_out_is_free(out)
-    codec = get_codec(cfg.codec, **cfg.codec_params)
     model, spec = build_teacher(cfg.teacher, image_size=cfg.image_size, weights=cfg.weights,
                                 pretrained=cfg.pretrained, teacher_args=cfg.teacher_args, device=cfg.device)
     layers = parse_layers(cfg.layers, spec.depth)
@@ -102,15 +102,15 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, s
     samples = [s.to_json() for s in source.scan()]
     views = [View.from_json(v) for v in _draw_all_views(policy, samples)]
 
-    map_shape = (len(layers), spec.num_heads, spec.num_tokens, spec.num_tokens)
-    fields = codec.fields(map_shape)
+    shape = spec.capture_shape(len(layers))
+    fields = codec.fields(shape)
     records = len(samples) * policy.views_per_image
     per_shard = cfg.records_per_shard or _default_records_per_shard(sum(f.nbytes for f in fields.values()))
     plan = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "teacher": spec.to_json(),
-        "capture": {"layers": layers, "payload": cfg.payload, "map_shape": list(map_shape), "dtype": "float32"},
+        "capture": {"layers": layers, "payload": payload, "map_shape": list(shape.map_shape), "dtype": "float32"},
         "codec": {**codec.to_json(), "fields": {k: v.to_json() for k, v in fields.items()}},
         "views": policy.to_json(),
         "dataset": {"num_samples": len(samples), "fingerprint": dataset_fingerprint(samples),
@@ -135,7 +135,7 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, s
 
     start = time.perf_counter()
     if pending:
-        capture = AttentionCapture(model, layers, cfg.payload)
+        capture = AttentionCapture(model, layers, payload)
         _run_pipeline(cfg, spec, source, samples, views, pending, per_shard, records, capture, codec, writer,
                       on_shard)
     if stats is not None:
@@ -161,7 +161,7 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, s
 # checks and plan
 
 
-def _check_options(cfg: ExtractConfig) -> None:
+def _check_options(cfg: ExtractConfig) -> Codec:
     if cfg.format not in STORE_FORMATS:
         raise AttncacheError(f"--format {cfg.format!r}: expected one of {STORE_FORMATS}")
     if cfg.embed_images and cfg.format != "wds":
@@ -172,9 +172,13 @@ def _check_options(cfg: ExtractConfig) -> None:
         raise AttncacheError(f"--shard-records {cfg.records_per_shard}: must be >= 1")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise AttncacheError(f"--device {cfg.device}: CUDA is not available on this machine")
-    get_codec(cfg.codec, **cfg.codec_params)
-    if cfg.payload not in PAYLOADS:
+    codec = get_codec(cfg.codec, **cfg.codec_params)
+    if cfg.payload is not None and cfg.payload not in PAYLOADS:
         raise AttncacheError(f"--payload {cfg.payload!r}: expected one of {PAYLOADS}")
+    if cfg.payload is not None and cfg.payload not in codec.payloads:
+        raise AttncacheError(f"--codec {cfg.codec} encodes payload {' or '.join(codec.payloads)}, "
+                             f"not --payload {cfg.payload}")
+    return codec
 
 
 def _default_records_per_shard(record_bytes: int) -> int:
@@ -368,7 +372,7 @@ def _run_pipeline(cfg, spec, source, samples, views, pending, per_shard, records
         x = torch.stack([p for _, p, _ in batch]).to(device, non_blocking=True)
         with autocast:
             maps = capture(x)
-        encoded = codec.encode(maps)
+        encoded = codec.encode(maps, capture.payload)
         for j, row in enumerate(row_ids):
             shard = row // per_shard
             sample_index, view = sample_and_view(row, num_samples)

@@ -1,8 +1,8 @@
 """Losses of the transfer modes, written as the formulas in docs/training.md (and FACTS.md) state them.
 
 Teacher targets per mode, from cached or live maps of the transferred layers (B, L, H, Q, N):
-- copy / distill: probabilities (a logits payload goes through softmax; a probs payload is used as is);
-- gta: the [CLS]-query row of the logits (a probs payload cannot give logits back: refused earlier).
+- copy / distill: probabilities (decoded logits go through softmax; decoded probabilities are used as is);
+- gta: the [CLS]-query row of the logits (probabilities cannot give logits back: refused earlier).
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 
 
-def teacher_targets(maps: torch.Tensor, payload: str, mode: str) -> torch.Tensor:
-    """(B, L, H, Q, N) maps as stored -> what `mode` consumes: probabilities, or [CLS] logit rows for gta."""
+def teacher_targets(maps: torch.Tensor, kind: str, mode: str) -> torch.Tensor:
+    """(B, L, H, Q, N) maps of `kind` ("probs" or "logits") -> what `mode` consumes: probabilities, or [CLS]
+    logit rows for gta."""
     if mode == "gta":
         return maps[:, :, :, :1, :].float()
-    return maps.float().softmax(dim=-1) if payload == "logits" else maps.float()
+    return maps.float().softmax(dim=-1) if kind == "logits" else maps.float()
 
 
 def distill_loss(teacher_probs: torch.Tensor, student_logits: list[torch.Tensor]) -> torch.Tensor:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .codecs.base import CaptureShape
 from .errors import AttncacheError
 
 # alias -> timm model name (with pretrained tag). Any other timm ViT name is accepted as is.
@@ -58,6 +59,10 @@ class TeacherSpec:
     weights_sha256: str  # canonical hash of the state dict actually loaded
     weights_source: str  # "hub", "file:<name>", or "random"
     model_args: dict = field(default_factory=dict)  # extra timm kwargs (patch_size, depth, ...)
+
+    def capture_shape(self, num_layers: int) -> CaptureShape:
+        """Geometry of one record's capture of `num_layers` layers (what a codec's fields are sized from)."""
+        return CaptureShape(num_layers, self.num_heads, self.num_tokens, self.embed_dim // self.num_heads)
 
     def to_json(self) -> dict:
         d = asdict(self)

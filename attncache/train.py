@@ -110,7 +110,7 @@ class CachedMaps:
         maps = self.cache.codec.decode(fields)
         if self.positions is not None:
             maps = maps[:, self.positions]
-        return teacher_targets(maps, self.cache.payload, self.mode)
+        return teacher_targets(maps, self.cache.decodes_to, self.mode)
 
 
 class LiveMaps:
@@ -543,10 +543,10 @@ def _check_cache_serves(cache: Cache, flag: str, teacher: TeacherSpec, layers: l
                              f"(missing {missing}); pass --layers or extract with --layers covering them")
     if mode != "gta" and cache.codec.query_rows != "all":
         raise AttncacheError(f"{flag} {cache.root}: codec {cache.codec.name!r} keeps only [CLS]-query rows; "
-                             f"--mode {mode} needs whole maps (extract with --codec fp16)")
-    if mode == "gta" and cache.payload != "logits":
+                             f"--mode {mode} needs whole maps (extract with --codec fp16, qk, lowrank, sqrtq or logq)")
+    if mode == "gta" and cache.decodes_to != "logits":
         raise AttncacheError(f"{flag} {cache.root}: holds softmax probabilities; --mode gta regularises "
-                             "attention logits (extract with --payload logits)")
+                             "attention logits (extract with --codec qk, lowrank or cls, or --payload logits)")
 
 
 def _check_images(cache: Cache, source, cache_flag: str, data_flag: str) -> None:

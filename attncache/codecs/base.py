@@ -1,13 +1,15 @@
 """Codec interface and registry.
 
-A codec turns a batch of captured attention maps (B, L, H, N, N) into named fields of fixed per-record shape and
-dtype, plus a numcodecs compressor applied to each record's raw little-endian bytes. Encoding of the lossy part
-runs on the extraction device; decoding runs on the training device from the compact bytes.
+A codec turns what the teacher capture gives for a batch (maps (B, L, H, N, N), or q and k (B, L, 2, H, N, d) for
+the `qk` payload) into named fields of fixed per-record shape and dtype, plus a numcodecs compressor applied to each
+record's raw little-endian bytes. Encoding of the lossy part runs on the extraction device; decoding runs on the
+training device from the compact bytes and gives (B, L, H, Q, N) maps: probabilities or logits (`decodes_to`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,29 +32,48 @@ class FieldSpec:
         return {"shape": list(self.shape), "dtype": self.dtype}
 
 
+class CaptureShape(NamedTuple):
+    """Per-record geometry of what is captured: layers, heads, tokens N and head dimension d."""
+
+    layers: int
+    heads: int
+    tokens: int
+    head_dim: int
+
+    @property
+    def map_shape(self) -> tuple[int, int, int, int]:
+        return (self.layers, self.heads, self.tokens, self.tokens)
+
+
 class Codec:
     name: str = ""
     lossless: bool = False
     query_rows: str = "all"  # "all": decode gives (B, L, H, N, N); "cls": only the [CLS]-query row, (B, L, H, 1, N)
+    payloads: tuple[str, ...] = ("probs", "logits")  # capture payloads it encodes; the first is the default
 
     def __init__(self, **params):
         self.params = params
 
-    def fields(self, map_shape: tuple[int, int, int, int]) -> dict[str, FieldSpec]:
-        """Stored fields for maps of shape (L, H, N, N)."""
+    def decodes_to(self, payload: str) -> str:
+        """What `decode` gives for a cache of this capture payload: "probs" or "logits"."""
+        return payload
+
+    def fields(self, shape: CaptureShape) -> dict[str, FieldSpec]:
+        """Stored fields per record."""
         raise NotImplementedError
 
     def compressor(self) -> dict:
         """numcodecs compressor config applied to each record's field bytes (JSON, recorded in the manifest)."""
         raise NotImplementedError
 
-    def encode(self, maps: torch.Tensor) -> dict[str, np.ndarray]:
-        """(B, L, H, N, N) float maps on any device -> {field: (B, *shape) numpy array} on the CPU."""
+    def encode(self, captured: torch.Tensor, payload: str) -> dict[str, np.ndarray]:
+        """The capture's float tensor for a batch of `payload`, on any device -> {field: (B, *shape) numpy array}
+        on the CPU (only the compact result leaves the device)."""
         raise NotImplementedError
 
     def decode(self, fields: dict[str, torch.Tensor]) -> torch.Tensor:
         """{field: (B, *shape) tensor on the target device} -> (B, L, H, Q, N) float32 maps on that device
-        (Q = N, or 1 for codecs that keep only the [CLS]-query rows)."""
+        (Q = N, or 1 for codecs that keep only the [CLS]-query rows), of kind `decodes_to(payload)`."""
         raise NotImplementedError
 
     def to_json(self) -> dict:
@@ -65,6 +86,12 @@ CODECS: dict[str, type[Codec]] = {}
 def register_codec(cls: type[Codec]) -> type[Codec]:
     CODECS[cls.name] = cls
     return cls
+
+
+def blosc(cname: str = "zstd", clevel: int = 1, shuffle: int = 1, blocksize: int = 1 << 20, typesize: int = 1) -> dict:
+    """The numcodecs blosc config every codec stores with (one bounded decompression path for readers)."""
+    return {"id": "blosc", "cname": cname, "clevel": clevel, "shuffle": shuffle, "blocksize": blocksize,
+            "typesize": typesize}
 
 
 def get_codec(name: str, **params) -> Codec:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import Codec, FieldSpec, register_codec
+from .base import Codec, FieldSpec, blosc, register_codec
 
 _SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 
@@ -24,15 +24,14 @@ class DenseCodec(Codec):
             raise ValueError(f"shuffle must be one of {sorted(_SHUFFLE)}")
         super().__init__(cname=cname, clevel=int(clevel), shuffle=shuffle, blocksize=int(blocksize))
 
-    def fields(self, map_shape):
-        return {"maps": FieldSpec(tuple(map_shape), self.dtype)}
+    def fields(self, shape):
+        return {"maps": FieldSpec(shape.map_shape, self.dtype)}
 
     def compressor(self) -> dict:
         p = self.params
-        return {"id": "blosc", "cname": p["cname"], "clevel": p["clevel"], "shuffle": _SHUFFLE[p["shuffle"]],
-                "blocksize": p["blocksize"], "typesize": np.dtype(self.dtype).itemsize}
+        return blosc(p["cname"], p["clevel"], _SHUFFLE[p["shuffle"]], p["blocksize"], np.dtype(self.dtype).itemsize)
 
-    def encode(self, maps: torch.Tensor) -> dict[str, np.ndarray]:
+    def encode(self, maps: torch.Tensor, payload: str = "probs") -> dict[str, np.ndarray]:
         torch_dtype = getattr(torch, self.dtype)
         return {"maps": maps.detach().to(torch_dtype).cpu().numpy()}
 
@@ -57,17 +56,17 @@ class Fp32Codec(DenseCodec):
 @register_codec
 class ClsCodec(DenseCodec):
     """Only the [CLS]-query row of each map, fp16 (L, H, N): all GTA needs, N times smaller than `fp16`.
-    Extract it with `--payload logits`; copy and distill, which need whole maps, refuse it."""
+    Its default payload is logits (what GTA regularises); copy and distill, which need whole maps, refuse it."""
 
     name = "cls"
     dtype = "float16"
     query_rows = "cls"
+    payloads = ("logits", "probs")
 
-    def fields(self, map_shape):
-        layers, heads, _, tokens = map_shape
-        return {"cls": FieldSpec((layers, heads, tokens), self.dtype)}
+    def fields(self, shape):
+        return {"cls": FieldSpec((shape.layers, shape.heads, shape.tokens), self.dtype)}
 
-    def encode(self, maps):
+    def encode(self, maps, payload="logits"):
         return {"cls": maps[:, :, :, 0, :].detach().to(torch.float16).cpu().numpy()}
 
     def decode(self, fields):

@@ -150,7 +150,7 @@ def validate_manifest(m: dict) -> dict:
     layers = c.get("layers")
     _require(isinstance(layers, list) and layers and all(isinstance(i, int) and 0 <= i < depth for i in layers)
              and layers == sorted(set(layers)), f"capture.layers must be sorted distinct indices < {depth}")
-    _require(c.get("payload") in ("probs", "logits"), f"capture.payload {c.get('payload')!r} unknown")
+    _require(c.get("payload") in ("probs", "logits", "qk"), f"capture.payload {c.get('payload')!r} unknown")
     shape = c.get("map_shape")
     _require(shape == [len(layers), t["num_heads"], t["num_tokens"], t["num_tokens"]],
              "capture.map_shape must be [len(layers), num_heads, num_tokens, num_tokens]")

@@ -1,0 +1,221 @@
+"""Compact codecs: real extractions with the tiny timm teacher, decoded against timm's own explicit attention path
+(probabilities, and logits from the plain formula), the low-rank factors against a direct SVD of q kᵀ, training from
+every codec, and the codec/payload/mode combinations that must be refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import reference_maps, render_sample
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attncache.cache import open_cache
+from attncache.codecs import CaptureShape, get_codec
+from attncache.codecs.qk import low_rank_factors, quantize_rows
+from attncache.errors import AttncacheError, CacheFormatError
+from attncache.extract import extract
+from attncache.train import TrainConfig, Trainer
+
+
+def row_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) per row, nats (the plain formula)."""
+    return (p * (p.clamp_min(1e-30).log() - q.clamp_min(1e-30).log())).sum(-1)
+
+
+# codec, params, what decode gives, bound on the mean row KL against the exact probabilities
+CODECS = [
+    ("fp16", {}, "probs", 1e-5),  # rows sum to 1 only to fp16 precision
+    ("qk", {}, "logits", 1e-6),
+    ("qk", {"bits": 8}, "logits", 1e-4),
+    ("lowrank", {"rank": 16}, "logits", 1e-4),  # rank = head_dim: exact up to int8
+    ("lowrank", {"rank": 4, "bits": 8}, "logits", 5e-2),
+    ("sqrtq", {"bits": 8}, "probs", 2e-3),
+    ("logq", {"bits": 8}, "probs", 1e-3),
+]
+
+
+@pytest.fixture(scope="module")
+def codec_caches(tmp_path_factory, tiny_teacher, image_folder):
+    root = tmp_path_factory.mktemp("codec_caches")
+    caches = {}
+    for name, params, _, _ in CODECS:
+        out = root / f"{name}-{'-'.join(f'{k}{v}' for k, v in params.items())}"
+        extract(tiny_teacher.config(image_folder, out, views=2, codec=name, codec_params=params,
+                                    records_per_shard=5))
+        caches[(name, json.dumps(params))] = out
+    return caches
+
+
+@pytest.mark.parametrize("name,params,kind,max_kl", CODECS, ids=[f"{c[0]}{c[1]}" for c in CODECS])
+def test_codec_decodes_to_timm_attention(codec_caches, tiny_teacher, image_folder, name, params, kind, max_kl):
+    cache = open_cache(str(codec_caches[(name, json.dumps(params))]))
+    assert cache.decodes_to == kind
+    rows = list(range(len(cache)))
+    decoded = cache.read_rows(rows)
+    x = torch.stack([render_sample((image_folder / cache.samples[r % cache.num_samples]["key"]).read_bytes(),
+                                   cache.views[r], cache.teacher) for r in rows])
+    model = tiny_teacher.timm_model()
+    probs = reference_maps(model, x, cache.layers, "probs")
+    got = decoded.softmax(-1) if kind == "logits" else decoded
+    assert got.shape == probs.shape
+    torch.testing.assert_close(got.sum(-1), torch.ones(got.shape[:-1]), rtol=0, atol=1e-3)  # fp16 maps: 2^-13
+    assert row_kl(probs, got).mean() <= max_kl
+    if (name, params) == ("qk", {}):  # fp16 q and k: the logits themselves, to fp16 precision of q and k
+        logits = reference_maps(model, x, cache.layers, "logits")
+        torch.testing.assert_close(decoded, logits, rtol=0, atol=2e-3 * logits.abs().max().item())
+
+
+def test_codecs_shrink_the_cache(codec_caches):
+    """On the tiny teacher (N=17, d=16) qk is 2·d/N = 1.9× *larger* than the maps; the quantisers are smaller."""
+    size = {k[0] + k[1]: open_cache(str(v)).summary()["shard_bytes"] for k, v in codec_caches.items()}
+    assert size['sqrtq{"bits": 8}'] < size["fp16{}"] / 1.5
+    assert size['qk{"bits": 8}'] < size["qk{}"] / 1.5
+    assert size['lowrank{"rank": 4, "bits": 8}'] < size['lowrank{"rank": 16}'] / 2
+
+
+def test_low_rank_factors_are_the_truncated_svd():
+    """A Bᵀ equals the rank-r truncation of a direct SVD of q kᵀ (Eckart-Young), computed without our code."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(3, 40, 16, generator=g, dtype=torch.float64), torch.randn(3, 40, 16, generator=g,
+                                                                                 dtype=torch.float64)
+    for rank in (1, 5, 16):
+        a, b = low_rank_factors(q, k, rank)
+        assert a.shape == b.shape == (3, 40, rank)
+        u, s, vh = torch.linalg.svd(q @ k.transpose(-2, -1))
+        best = u[..., :rank] * s[..., None, :rank] @ vh[..., :rank, :]
+        torch.testing.assert_close(a @ b.transpose(-2, -1), best, rtol=0, atol=1e-9)
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.integers(2, 8), seed=st.integers(0, 2**16), magnitude=st.floats(1e-3, 1e3))
+def test_quantize_rows_error_is_half_a_step(bits, seed, magnitude):
+    x = torch.randn(4, 7, 12, generator=torch.Generator().manual_seed(seed)) * magnitude
+    codes, scale = quantize_rows(x, bits)
+    top = (1 << (bits - 1)) - 1
+    assert codes.dtype == torch.int8 and codes.abs().max() <= top and scale.dtype == torch.float16
+    err = (codes.float() * scale.float().unsqueeze(-1) - x).abs()
+    assert (err <= scale.float().unsqueeze(-1) * 0.5 * (1 + 1e-3) + 1e-6).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(name=st.sampled_from(["sqrtq", "logq"]), bits=st.integers(2, 8), seed=st.integers(0, 2**16),
+       sharpness=st.floats(0.1, 30.0))
+def test_probability_quantisers_give_distributions(name, bits, seed, sharpness):
+    """Any row (peaked or flat) decodes to a proper distribution with finite KL, which shrinks with more bits."""
+    codec = get_codec(name, bits=bits)
+    p = (torch.randn(1, 2, 3, 9, 9, generator=torch.Generator().manual_seed(seed)) * sharpness).softmax(-1)
+    enc = codec.encode(p, "probs")
+    assert enc["codes"].dtype == np.uint8 and enc["codes"].max() <= (1 << bits) - 1
+    dec = codec.decode({"codes": torch.from_numpy(enc["codes"])})
+    assert (dec > 0).all()
+    torch.testing.assert_close(dec.sum(-1), torch.ones(dec.shape[:-1]), rtol=0, atol=1e-5)
+    kl = row_kl(p, dec)
+    assert kl.isfinite().all()
+    if bits == 8:
+        assert kl.mean() < 5e-3
+
+
+def test_sqrtq_formula():
+    """Codes are round(√p·63) for 6 bits; code 0 decodes to (0.25/63)² before renormalisation."""
+    p = torch.tensor([0.5, 0.3, 0.2 - 1e-6, 1e-6]).reshape(1, 1, 1, 1, 4)
+    codec = get_codec("sqrtq")
+    codes = codec.encode(p, "probs")["codes"].ravel().tolist()
+    assert codes == [round(0.5 ** 0.5 * 63), round(0.3 ** 0.5 * 63), round((0.2 - 1e-6) ** 0.5 * 63), 0]
+    raw = torch.tensor([(c if c else 0.25) / 63 for c in codes]) ** 2
+    torch.testing.assert_close(codec.decode({"codes": torch.tensor(codes, dtype=torch.uint8).reshape(p.shape)})
+                               .ravel(), raw / raw.sum())
+
+
+def test_qk_codec_round_trip_from_logits_formula():
+    """fp16 q and k stored; decode = q kᵀ, compared with the plain float64 formula."""
+    g = torch.Generator().manual_seed(3)
+    captured = torch.randn(2, 3, 2, 4, 10, 8, generator=g)  # (B, L, q|k, H, N, d), q already scaled
+    codec = get_codec("qk")
+    enc = codec.encode(captured, "qk")
+    shape = CaptureShape(3, 4, 10, 8)
+    assert {k: (tuple(v.shape[1:]), str(v.dtype)) for k, v in enc.items()} == \
+        {k: (s.shape, s.dtype) for k, s in codec.fields(shape).items()}
+    logits = codec.decode({k: torch.from_numpy(v) for k, v in enc.items()})
+    ref = captured[:, :, 0].double() @ captured[:, :, 1].double().transpose(-2, -1)
+    torch.testing.assert_close(logits.double(), ref, rtol=0, atol=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training from compact caches
+
+
+def _train(tmp_path, name, mode, cache, data, **kw) -> list[float]:
+    """One epoch (6 images: 3 steps of 2 views) from `cache`, no evaluation; the per-step training losses."""
+    cfg = TrainConfig(mode=mode, out=str(tmp_path / name), cache=str(cache), data=str(data), epochs=1,
+                      batch_size=2, workers=0, progress=False, log_every=1, lr=1e-3, **kw)
+    Trainer(cfg, evaluate=False).run()
+    return [r["loss"] for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"]
+
+
+@pytest.mark.parametrize("key,mode", [(("qk", '{"bits": 8}'), "copy"), (("sqrtq", '{"bits": 8}'), "distill"),
+                                      (("lowrank", '{"rank": 4, "bits": 8}'), "gta")])
+def test_train_from_compact_cache(codec_caches, tiny_teacher, image_folder, tmp_path, key, mode):
+    weights = {"weights": str(tiny_teacher.weights)} if mode == "gta" else {}  # gta fine-tunes the teacher
+    losses = _train(tmp_path, "run", mode, codec_caches[key], image_folder, **weights)
+    assert len(losses) == 3 and np.isfinite(losses).all()
+
+
+def test_qk_cache_trains_like_the_exact_cache(codec_caches, folder_fp32_zarr, image_folder, tmp_path):
+    """Distillation from fp16 q/k and from fp32 maps: per-step losses agree to storage precision."""
+    exact = _train(tmp_path, "fp32", "distill", folder_fp32_zarr, image_folder)
+    compact = _train(tmp_path, "qk", "distill", codec_caches[("qk", "{}")], image_folder)
+    assert len(exact) == len(compact) == 3
+    np.testing.assert_allclose(compact, exact, rtol=0, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# refused combinations, all before any work
+
+
+def test_incompatible_codec_and_payload_refused(tiny_teacher, image_folder, tmp_path):
+    cases = [
+        (dict(codec="qk", payload="probs"), "--codec qk encodes payload qk, not --payload probs"),
+        (dict(codec="sqrtq", payload="qk"), "not --payload qk"),
+        (dict(codec="lowrank", codec_params={"rank": 17}), "rank 17 exceeds"),
+        (dict(codec="sqrtq", codec_params={"bits": 9}), "bits must lie in 2..8"),
+        (dict(codec="qk", codec_params={"bits": 12}), "bits must be 16"),
+        (dict(codec="logq", codec_params={"floor": -1}), "floor must be > 0"),
+    ]
+    for i, (kw, message) in enumerate(cases):
+        out = tmp_path / f"c{i}"
+        with pytest.raises(AttncacheError, match=message):
+            extract(tiny_teacher.config(image_folder, out, **kw))
+        assert not out.exists() or not any(out.iterdir())
+
+
+def test_gta_refuses_probability_codecs(codec_caches, image_folder, tmp_path):
+    with pytest.raises(AttncacheError, match="holds softmax probabilities"):
+        _train(tmp_path, "gta", "gta", codec_caches[("sqrtq", '{"bits": 8}')], image_folder)
+    assert not (tmp_path / "gta").exists()
+
+
+def test_manifest_fields_must_match_the_codec(codec_caches, tmp_path):
+    """A manifest whose fields or compressor differ from what its codec writes is refused on open."""
+    import shutil
+
+    src = codec_caches[("qk", '{"bits": 8}')]
+    for what in ("shape", "dtype", "params", "payload"):
+        dst = tmp_path / what
+        shutil.copytree(src, dst)
+        m = json.loads((dst / "manifest.json").read_text())
+        if what == "shape":
+            m["codec"]["fields"]["q"]["shape"][-1] = 3
+        elif what == "dtype":
+            m["codec"]["fields"]["q_scale"]["dtype"] = "float32"
+        elif what == "params":
+            m["codec"]["params"]["bits"] = 16
+        else:
+            m["capture"]["payload"] = "probs"
+        (dst / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(CacheFormatError):
+            open_cache(str(dst))
