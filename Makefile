@@ -28,6 +28,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/attncache bench extract --teacher demo --data demo --out $(DEMO_OUT)/bench
+	$(BIN)/attncache bench codecs --teacher demo --data demo:64
 	test -f $(DEMO_OUT)/train_cache/manifest.json || $(MAKE) demo
 	$(BIN)/attncache bench train --cache $(DEMO_OUT)/train_cache --data demo \
 	  --weights $(DEMO_OUT)/teacher_run/model.safetensors --out $(DEMO_OUT)/bench_train

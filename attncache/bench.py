@@ -14,12 +14,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numcodecs
 import numpy as np
 import torch
 
 from .capture import AttentionCapture, parse_layers
 from .codecs import get_codec
 from .data import open_image, open_source
+from .errors import AttncacheError
 from .extract import ExtractConfig, extract
 from .store import WRITERS
 from .teachers import build_teacher
@@ -243,3 +245,176 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({torch.get_num_threads()} threads)"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# codecs: size against error against speed, on the same real views
+#
+# Every codec encodes the same captured views. Sizes are the compressor's real output per record (what a shard
+# holds, less container overhead). Errors are against the teacher's exact fp32 probabilities, per map row:
+# KL(p ‖ p̂) in nats (mean and 99th percentile) and max |p̂ − p|. Throughputs are raw-fp16-equivalent MB/s (the
+# bytes of the fp16 maps a record stands for) on one CPU core (torch and blosc limited to one thread):
+# - encode: the codec's encode + compression (the extraction's writer);
+# - decompress: compressed bytes -> compact fields (what loader workers do, on CPU);
+# - decode: compact fields -> probabilities (the codec's decode + the softmax copy/distill apply), which training
+#   runs on its device; `device_decode` is that step on --device with all its threads, fields already there.
+
+DEFAULT_BENCH_CODECS = ("fp16", "qk", "qk:bits=8", "lowrank:rank=48", "lowrank", "lowrank:rank=32,bits=6",
+                        "lowrank:rank=24,bits=6", "sqrtq:bits=8", "sqrtq", "sqrtq:bits=5", "logq:bits=8", "logq",
+                        "logq:bits=5", "cls")
+
+
+@dataclass
+class CodecBench:
+    teacher: str = "demo"
+    data: str = "demo"
+    weights: str | None = None
+    image_size: int | None = None
+    teacher_args: dict = field(default_factory=dict)
+    layers: str = "all"
+    limit: int | None = None
+    batch_size: int = 8
+    device: str = "cpu"
+    codecs: tuple[str, ...] = DEFAULT_BENCH_CODECS
+    repeats: int = 2
+
+
+def _measure_codec(codec, fields, captured, reference, raw, device, repeats) -> dict:
+    payload = codec.payloads[0]
+    compressor = numcodecs.get_codec(dict(codec.compressor()))
+    views = sum(len(x) for x in captured[payload])
+    with _one_core():
+        encoded, encode_s = _timed_best(lambda: [_encode_batch(codec, x, payload, compressor)
+                                                for x in captured[payload]], repeats)
+        unpacked, decompress_s = _timed_best(lambda: [_decompress(blobs, fields, compressor)
+                                                     for blobs in encoded], repeats)
+        decoded, decode_s = _timed_best(lambda: [_to_probs(codec, codec.decode(f), payload) for f in unpacked],
+                                        repeats)
+    stored = sum(len(blob) for blobs in encoded for per_record in blobs.values() for blob in per_record)
+    errors = _errors(reference, decoded, codec.query_rows)
+    del decoded
+    mb = raw * views / 1e6  # raw-equivalent MB the measured work stands for
+    return {"params": codec.params, "payload": payload, "lossless": codec.lossless,
+            "bytes_per_view": round(stored / views), "ratio_vs_raw_fp16": round(raw * views / stored, 3), **errors,
+            "encode_MBps_per_core": round(mb / encode_s, 1),
+            "decompress_MBps_per_core": round(mb / decompress_s, 1),
+            "decode_MBps_per_core": round(mb / decode_s, 1),
+            "device_decode_MBps": round(_device_decode_rate(codec, unpacked, payload, device, repeats) * raw / 1e6,
+                                        1)}
+
+
+def parse_codec_spec(spec: str) -> tuple[str, dict]:
+    """`lowrank:rank=32,bits=6` -> ("lowrank", {"rank": 32, "bits": 6})."""
+    from .teachers import parse_teacher_args
+
+    name, _, params = spec.partition(":")
+    return name, parse_teacher_args([p for p in params.split(",") if p])
+
+
+def bench_codecs(b: CodecBench) -> dict:
+    device = torch.device(b.device)
+    codecs = []  # bad names and parameters fail before the teacher runs
+    for codec_spec in b.codecs:
+        name, params = parse_codec_spec(codec_spec)
+        codecs.append((codec_spec, get_codec(name, **params)))
+    model, spec = build_teacher(b.teacher, image_size=b.image_size, weights=b.weights,
+                                pretrained=b.weights is None, teacher_args=b.teacher_args, device=device)
+    layers = parse_layers(b.layers, spec.depth)
+    shape = spec.capture_shape(len(layers))
+    batches = _rendered_batches(b, spec)
+    views = sum(len(x) for x in batches)
+    captures = {p: AttentionCapture(model, layers, p) for p in ("probs", "logits", "qk")}
+    captured = {p: [c(x.to(device)).cpu() for x in batches] for p, c in captures.items()}
+    reference = captured["probs"]
+    raw = int(np.prod(shape.map_shape)) * 2
+
+    rows = []
+    for name, codec in codecs:
+        try:
+            fields = codec.fields(shape)
+        except AttncacheError:
+            if b.codecs != DEFAULT_BENCH_CODECS:
+                raise
+            continue  # the default sweep's ranks are sized for real teachers (head_dim 64)
+        rows.append({"codec": name, **_measure_codec(codec, fields, captured, reference, raw, device, b.repeats)})
+    return {"device": _device_name(device), "teacher": spec.model, "image_size": spec.image_size,
+            "tokens": spec.num_tokens, "heads": spec.num_heads, "layers": layers, "views": views,
+            "raw_fp16_bytes_per_view": raw, "codecs": rows}
+
+
+def _rendered_batches(b: CodecBench, spec) -> list[torch.Tensor]:
+    source = open_source(b.data, limit=b.limit)
+    samples = source.scan()
+    policy = ViewPolicy(views_per_image=1)
+    images = dict(source.iter_bytes(range(len(samples))))
+    pixels = torch.stack([render(open_image(images[i], s.key), policy.draw(s.key, s.width, s.height)[0],
+                                 spec.image_size, spec.interpolation, spec.mean, spec.std)
+                          for i, s in enumerate(samples)])
+    return [pixels[i:i + b.batch_size] for i in range(0, len(pixels), b.batch_size)]
+
+
+class _one_core:
+    """torch and blosc on one thread: per-core rates."""
+
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        self.blosc = numcodecs.blosc.get_nthreads() if hasattr(numcodecs.blosc, "get_nthreads") else None
+        numcodecs.blosc.set_nthreads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.threads)
+        if self.blosc is not None:
+            numcodecs.blosc.set_nthreads(self.blosc)
+
+
+def _timed_best(fn, repeats: int):
+    best, result = float("inf"), None
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return result, best
+
+
+def _encode_batch(codec, captured, payload, compressor) -> dict[str, list[bytes]]:
+    """{field: [compressed bytes per record]}, exactly what a store writes per record."""
+    arrays = codec.encode(captured, payload)
+    return {k: [compressor.encode(np.ascontiguousarray(a[j])) for j in range(len(a))] for k, a in arrays.items()}
+
+
+def _decompress(blobs, fields, compressor) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.stack([np.frombuffer(compressor.decode(blob), dtype=fields[k].dtype)
+                                          .reshape(fields[k].shape) for blob in per_record]))
+            for k, per_record in blobs.items()}
+
+
+def _to_probs(codec, maps: torch.Tensor, payload: str) -> torch.Tensor:
+    return maps.softmax(-1) if codec.decodes_to(payload) == "logits" else maps
+
+
+def _device_decode_rate(codec, unpacked, payload, device, repeats) -> float:
+    """Views/s of decode (+ softmax) with the compact fields already on `device` (all of its threads)."""
+    on_device = [{k: v.to(device) for k, v in f.items()} for f in unpacked]
+    views = sum(len(next(iter(f.values()))) for f in on_device)
+
+    def run():
+        for f in on_device:
+            _to_probs(codec, codec.decode(f), payload)
+        _sync(device)
+
+    run()  # warm-up (kernels, allocator)
+    return views / _timed_best(run, repeats)[1]
+
+
+def _errors(reference: list[torch.Tensor], decoded: list[torch.Tensor], query_rows: str) -> dict:
+    """Mean and p99 of the per-row KL(p ‖ p̂) in nats, and max |p̂ − p|, over every row of every view."""
+    kls, max_abs = [], 0.0
+    for p, q in zip(reference, decoded, strict=True):
+        if query_rows == "cls":
+            p = p[..., :1, :]
+        kls.append((p * (p.clamp_min(1e-30).log() - q.float().clamp_min(1e-30).log())).sum(-1).flatten())
+        max_abs = max(max_abs, (q.float() - p).abs().max().item())
+    kl = torch.cat(kls).double()
+    return {"kl_mean": float(f"{kl.mean().item():.3g}"), "kl_p99": float(f"{torch.quantile(kl, 0.99).item():.3g}"),
+            "max_abs_err": float(f"{max_abs:.3g}")}

@@ -227,6 +227,52 @@ def bench_extract(
     typer.echo(json.dumps(result, indent=2))
 
 
+@bench_app.command("codecs")
+def bench_codecs(
+    teacher: str = typer.Option("demo"), data: str = typer.Option("demo"), weights: Path | None = None,
+    image_size: int | None = None, teacher_arg: list[str] = typer.Option([], "--teacher-arg"),
+    layers: str = "all", limit: int | None = typer.Option(None, help="use the first N images (one view each)"),
+    batch_size: int = typer.Option(8), device: str = typer.Option("cpu", help="where device_decode is measured"),
+    codec: list[str] = typer.Option([], "--codec", help="NAME or NAME:KEY=VALUE,... (repeatable; default: a "
+                                                        "sweep of every codec)"),
+    repeats: int = typer.Option(2, help="timed passes; the best is reported"),
+    as_json: bool = typer.Option(False, "--json", help="JSON only, no table"),
+):
+    """Bytes/view, ratio vs raw fp16, KL and error against the exact maps, encode/decode MB/s per core."""
+    from attncache.bench import DEFAULT_BENCH_CODECS, CodecBench
+    from attncache.bench import bench_codecs as run
+
+    try:
+        result = run(CodecBench(teacher=teacher, data=data, weights=str(weights) if weights else None,
+                                image_size=image_size, teacher_args=_codec_params(teacher_arg), layers=layers,
+                                limit=limit, batch_size=batch_size, device=device,
+                                codecs=tuple(codec) or DEFAULT_BENCH_CODECS, repeats=repeats))
+    except AttncacheError as exc:
+        _fail(exc)
+    if not as_json:
+        _codec_table(result)
+    typer.echo(json.dumps(result, indent=2))
+
+
+def _codec_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result['teacher']} @ {result['image_size']} px, {result['views']} views, raw fp16 "
+                        f"{result['raw_fp16_bytes_per_view'] / 1e6:.2f} MB/view; MB/s raw-equivalent, per core "
+                        f"except device decode ({result['device']})")
+    columns = ("codec", "bytes/view", "ratio", "KL mean", "KL p99", "max |err|", "encode", "decompress",
+               "decode", "device decode")
+    for col in columns:
+        table.add_column(col, justify="left" if col == "codec" else "right")
+    for r in result["codecs"]:
+        table.add_row(r["codec"], f"{r['bytes_per_view']:,}", f"{r['ratio_vs_raw_fp16']:.2f}x", f"{r['kl_mean']:.2e}",
+                      f"{r['kl_p99']:.2e}", f"{r['max_abs_err']:.2e}", f"{r['encode_MBps_per_core']:.0f}",
+                      f"{r['decompress_MBps_per_core']:.0f}", f"{r['decode_MBps_per_core']:.0f}",
+                      f"{r['device_decode_MBps']:.0f}")
+    Console(stderr=True).print(table)
+
+
 @bench_app.command("train")
 def bench_train(
     cache: str = typer.Option(..., help="train cache to read"), data: str | None = typer.Option(None),

@@ -173,3 +173,32 @@ def test_demo_end_to_end(tmp_path):
     saved = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
     assert saved["replay_max_abs_error"] < 1e-3
     assert {f"student_{m}_val_top1" for m in ("scratch", "copy", "distill")} <= set(saved)
+
+
+def test_extract_with_codec_args_then_bench_codecs(tmp_path, tiny_teacher):
+    """`--codec lowrank --codec-arg ...` ends up in the manifest; `bench codecs` measures the codecs it is given."""
+    out = tmp_path / "lowrank"
+    result = _run("extract", *tiny_teacher.cli_args(), "--data", "demo:2", "--out", out, "--codec", "lowrank",
+                  "--codec-arg", "rank=4", "--codec-arg", "bits=6")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(_run("inspect", out, "--json").stdout)
+    assert (summary["codec"], summary["payload"], summary["decodes_to"]) == ("lowrank", "qk", "logits")
+    assert json.loads((out / "manifest.json").read_text())["codec"]["params"] == {"bits": 6, "rank": 4}
+
+    bench = _run("bench", "codecs", *tiny_teacher.cli_args()[:6], *sum((["--teacher-arg", f"{k}={v}"]
+                 for k, v in tiny_teacher.args.items()), []), "--data", "demo:2", "--codec", "fp16",
+                 "--codec", "sqrtq:bits=8", "--codec", "qk:bits=8", "--repeats", "1", "--json")
+    assert bench.exit_code == 0, bench.output
+    rows = {r["codec"]: r for r in json.loads(bench.stdout)["codecs"]}
+    assert list(rows) == ["fp16", "sqrtq:bits=8", "qk:bits=8"]
+    assert rows["sqrtq:bits=8"]["params"] == {"bits": 8}
+    # qk stores 2·d = 32 numbers per token and head against N = 17 map entries: larger than fp16 maps here
+    assert rows["qk:bits=8"]["ratio_vs_raw_fp16"] < rows["sqrtq:bits=8"]["ratio_vs_raw_fp16"]
+    for r in rows.values():
+        assert 0 <= r["kl_mean"] <= r["kl_p99"] + 1e-12 and r["kl_mean"] < 1e-3
+        assert min(r["encode_MBps_per_core"], r["decode_MBps_per_core"], r["device_decode_MBps"]) > 0
+
+
+def test_bench_codecs_refuses_unknown_codec_before_work():
+    result = runner.invoke(app, ["bench", "codecs", "--codec", "zfp:level=3"])
+    assert result.exit_code == 2 and "unknown codec 'zfp'" in result.output
