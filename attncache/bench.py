@@ -96,7 +96,7 @@ def bench_extract(b: ExtractBench) -> dict:
     # encode + write alone, from maps already in memory
     codec = get_codec(b.codec)
     payload = codec.payloads[0]
-    codec_capture = AttentionCapture(model, layers, payload)
+    codec_capture = capture if payload == "probs" else AttentionCapture(model, layers, payload)
     maps = [codec_capture(x).cpu() for x in batches]
     fields = codec.fields(spec.capture_shape(len(layers)))
     work = Path(tempfile.mkdtemp(prefix="attncache-bench-"))
@@ -323,8 +323,11 @@ def bench_codecs(b: CodecBench) -> dict:
     shape = spec.capture_shape(len(layers))
     batches = _rendered_batches(b, spec)
     views = sum(len(x) for x in batches)
-    captures = {p: AttentionCapture(model, layers, p) for p in ("probs", "logits", "qk")}
-    captured = {p: [c(x.to(device)).cpu() for x in batches] for p, c in captures.items()}
+    captured = {}
+    for payload in {"probs"} | {codec.payloads[0] for _, codec in codecs}:  # probs: every error's reference
+        capture = AttentionCapture(model, layers, payload)
+        captured[payload] = [capture(x.to(device)).cpu() for x in batches]
+        capture.close()
     reference = captured["probs"]
     raw = int(np.prod(shape.map_shape)) * 2
 
@@ -359,13 +362,12 @@ class _one_core:
     def __enter__(self):
         self.threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        self.blosc = numcodecs.blosc.get_nthreads() if hasattr(numcodecs.blosc, "get_nthreads") else None
+        self.blosc = numcodecs.blosc.get_nthreads()
         numcodecs.blosc.set_nthreads(1)
 
     def __exit__(self, *exc):
         torch.set_num_threads(self.threads)
-        if self.blosc is not None:
-            numcodecs.blosc.set_nthreads(self.blosc)
+        numcodecs.blosc.set_nthreads(self.blosc)
 
 
 def _timed_best(fn, repeats: int):

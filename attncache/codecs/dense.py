@@ -31,7 +31,7 @@ class DenseCodec(Codec):
         p = self.params
         return blosc(p["cname"], p["clevel"], _SHUFFLE[p["shuffle"]], p["blocksize"], np.dtype(self.dtype).itemsize)
 
-    def encode(self, maps: torch.Tensor, payload: str = "probs") -> dict[str, np.ndarray]:
+    def encode(self, maps: torch.Tensor, payload: str) -> dict[str, np.ndarray]:
         torch_dtype = getattr(torch, self.dtype)
         return {"maps": maps.detach().to(torch_dtype).cpu().numpy()}
 
@@ -66,7 +66,7 @@ class ClsCodec(DenseCodec):
     def fields(self, shape):
         return {"cls": FieldSpec((shape.layers, shape.heads, shape.tokens), self.dtype)}
 
-    def encode(self, maps, payload="logits"):
+    def encode(self, maps, payload):
         return {"cls": maps[:, :, :, 0, :].detach().to(torch.float16).cpu().numpy()}
 
     def decode(self, fields):
