@@ -10,7 +10,8 @@ Task: Fashion-MNIST in the low-data regime with the real DINOv2-S/14 teacher (be
 Per codec: a train cache (2 views per image) and a val cache (the copy student attends with the teacher's val
 maps, decoded from the same codec), then copy and distill students (the first depth-3 layers) per seed; fp16 is
 the reference and scratch the no-teacher floor. Every cache's bytes/view and KL against the exact maps are
-reported beside it, since at N=17 the codecs compress differently than at 224 px (qk and lowrank trade N·d for N² and need N >> d).
+reported beside it, since at N=17 the codecs compress differently than at 224 px (qk and lowrank trade N·d
+for N² and need N >> d).
 
 Prints one JSON object (also written to OUT/results.json) and a markdown table of top-1 mean ± std. Re-running
 the same command reuses finished caches and runs (both are resumable).
