@@ -1,26 +1,35 @@
 """Reading a cache: `open_cache(path_or_url)` validates the manifest and gives access by (key, view) or row.
 
-Works the same for local directories and fsspec URLs (https://, s3://, ...). Nothing here unpickles: the manifest
-and indexes are JSON, the maps are raw arrays with dtype and shape taken from the validated manifest.
+Local directories and fsspec URLs (https://, s3://, ...) read the same way, through one `CacheFS` carrying the
+storage options. Nothing here unpickles: the manifest and indexes are strict JSON (each checked against its sha256
+in the manifest when read), the maps are raw arrays with dtype and shape taken from the validated manifest.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import math
 from dataclasses import dataclass
 
-import fsspec
 import torch
 
 from .codecs import get_codec
-from .errors import AttncacheError, CacheFormatError
-from .store import READERS
-from .store.format import MANIFEST, SAMPLES, VIEWS, read_jsonl, row_of, sample_and_view, validate_manifest
-from .teachers import TeacherSpec
+from .errors import CacheFormatError
+from .store import READERS, CacheFS
+from .store.format import (
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    SAMPLES,
+    VIEWS,
+    check_samples,
+    check_views,
+    parse_jsonl,
+    parse_manifest,
+    row_of,
+    sample_and_view,
+)
+from .teacher import TeacherSpec
 from .views import View
-
-MAX_MANIFEST_BYTES = 64 << 20
 
 
 @dataclass
@@ -34,62 +43,55 @@ class CacheItem:
 
 class Cache:
     def __init__(self, root: str, storage_options: dict | None = None):
-        self.root = str(root).rstrip("/")
-        self.storage_options = storage_options or {}
-        self.manifest = validate_manifest(json.loads(self._read(MANIFEST, MAX_MANIFEST_BYTES)))
+        self.fs = CacheFS(root, storage_options)
+        self.root = self.fs.url
+        try:
+            data = self.fs.read(MANIFEST, MAX_MANIFEST_BYTES)
+        except CacheFormatError as exc:
+            if not self.fs.exists(MANIFEST):
+                raise CacheFormatError(f"{self.root}: not an attncache cache ({MANIFEST} missing)") from exc
+            raise
+        try:
+            self.manifest = parse_manifest(data)
+        except CacheFormatError as exc:
+            raise CacheFormatError(f"{self.root}/{MANIFEST}: {str(exc).removeprefix('manifest: ')}") from exc
         m = self.manifest
         self.teacher = TeacherSpec.from_json(m["teacher"])
         self.layers: list[int] = m["capture"]["layers"]
         self.payload: str = m["capture"]["payload"]
         self.codec = get_codec(m["codec"]["name"], **m["codec"]["params"])
         self.decodes_to: str = self.codec.decodes_to(self.payload)  # "probs" or "logits"
-        self._check_codec()
         self.num_samples: int = m["dataset"]["num_samples"]
         self.views_per_image: int = m["views"]["views_per_image"]
         self._samples: list[dict] | None = None
         self._views: list[dict] | None = None
         self._key_index: dict[str, int] | None = None
-        self.reader = READERS[m["store"]["format"]](self.root, m)
+        self.reader = READERS[m["store"]["format"]](self.fs, m)
 
-    def _check_codec(self) -> None:
-        """The manifest's fields and compressor must be exactly what its codec and parameters produce: a reader
-        never trusts a shape or dtype the codec would not have written."""
-        m, codec = self.manifest, self.codec
-        if self.payload not in codec.payloads:
-            raise CacheFormatError(f"{self.root}: codec {codec.name!r} cannot hold payload {self.payload!r}")
-        expected = codec.fields(self.teacher.capture_shape(len(self.layers)))
-        if m["codec"]["fields"] != {k: v.to_json() for k, v in expected.items()}:
-            raise CacheFormatError(f"{self.root}: manifest codec.fields do not match codec {codec.name!r} "
-                                   f"with params {codec.params}")
-        if m["codec"].get("compressor") != codec.compressor():
-            raise CacheFormatError(f"{self.root}: manifest codec.compressor does not match codec {codec.name!r}")
+    def __reduce__(self):  # a DataLoader worker reopens the cache with the same filesystem options
+        return open_cache, (self.root, self.fs.storage_options)
 
-    def _read(self, relpath: str, limit: int) -> bytes:
-        try:
-            with fsspec.open(f"{self.root}/{relpath}", "rb", **self.storage_options) as f:
-                data = f.read(limit + 1)
-        except FileNotFoundError as exc:
-            raise AttncacheError(f"{self.root}: not an attncache cache ({relpath} missing)") from exc
-        if len(data) > limit:
-            raise CacheFormatError(f"{self.root}/{relpath}: larger than {limit} bytes")
-        return data
+    @property
+    def storage_options(self) -> dict:
+        return self.fs.storage_options
+
+    def _index_file(self, name: str) -> list:
+        entry = self.manifest["files"][name]
+        data = self.fs.read(name, entry["bytes"])
+        if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise CacheFormatError(f"{self.fs.where(name)}: does not match the size and sha256 in the manifest")
+        return parse_jsonl(data, self.fs.where(name))
 
     @property
     def samples(self) -> list[dict]:
         if self._samples is None:
-            entry = self.manifest["files"][SAMPLES]
-            self._samples = read_jsonl(self._read(SAMPLES, entry["bytes"]), SAMPLES)
-            if len(self._samples) != self.num_samples:
-                raise CacheFormatError(f"{SAMPLES}: {len(self._samples)} lines, manifest says {self.num_samples}")
+            self._samples = check_samples(self._index_file(SAMPLES), self.manifest, self.fs.where(SAMPLES))
         return self._samples
 
     @property
     def views(self) -> list[dict]:
         if self._views is None:
-            entry = self.manifest["files"][VIEWS]
-            self._views = read_jsonl(self._read(VIEWS, entry["bytes"]), VIEWS)
-            if len(self._views) != len(self):
-                raise CacheFormatError(f"{VIEWS}: {len(self._views)} lines, manifest says {len(self)} records")
+            self._views = check_views(self._index_file(VIEWS), self.samples, self.manifest, self.fs.where(VIEWS))
         return self._views
 
     def __len__(self) -> int:
@@ -104,12 +106,22 @@ class Cache:
             raise KeyError(f"{self.root}: sample {key!r} has views 0..{self.views_per_image - 1}, not {view}")
         return row_of(self._key_index[key], view, self.num_samples)
 
+    def sample(self, row: int) -> dict:
+        """The image record (key, label, sha256, size) of a row."""
+        return self.samples[sample_and_view(row, self.num_samples)[0]]
+
+    def read_fields(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        """The codec's compact fields of these rows, on the CPU (what loader workers hand to the trainer)."""
+        return {k: torch.from_numpy(v) for k, v in self.reader.read(list(rows)).items()}
+
+    def decode(self, fields: dict[str, torch.Tensor], device: str | torch.device = "cpu") -> torch.Tensor:
+        """Compact fields -> float32 maps on `device` (probs or logits: `decodes_to`); only the compact fields
+        travel to the device."""
+        return self.codec.decode({k: v.to(device, non_blocking=True) for k, v in fields.items()})
+
     def read_rows(self, rows: list[int], device: str | torch.device = "cpu") -> torch.Tensor:
-        """Decoded maps (len(rows), L, H, N, N) float32 on `device` (probs or logits: `decodes_to`); only the
-        compact fields travel to the device."""
-        fields = self.reader.read(list(rows))
-        tensors = {k: torch.from_numpy(v).to(device) for k, v in fields.items()}
-        return self.codec.decode(tensors)
+        """Decoded maps (len(rows), L, H, N, N) float32 on `device`."""
+        return self.decode(self.read_fields(rows), device)
 
     def item(self, row: int, device: str | torch.device = "cpu") -> CacheItem:
         if not 0 <= row < len(self):
@@ -135,7 +147,7 @@ class Cache:
         stored = sum(f["bytes"] for s in m["store"]["shards"] for f in s["files"])
         raw = len(self) * math.prod(m["capture"]["map_shape"]) * 2
         return {
-            "root": self.root,
+            "root": self.root, "version": m["version"],
             "teacher": m["teacher"]["model"], "weights_sha256": m["teacher"]["weights_sha256"][:16],
             "image_size": m["teacher"]["image_size"], "tokens": m["teacher"]["num_tokens"],
             "heads": m["teacher"]["num_heads"], "layers": self.layers, "payload": self.payload,
@@ -145,7 +157,7 @@ class Cache:
             "shards": len(m["store"]["shards"]), "split": m["views"]["split"],
             "shard_bytes": stored, "shard_bytes_per_view": stored / len(self),
             # with embedded images the shards hold more than maps: no compression ratio to speak of
-            **({} if m["store"].get("embed_images") else {"ratio_vs_raw_fp16": raw / max(1, stored)}),
+            **({} if m["store"]["embed_images"] else {"ratio_vs_raw_fp16": raw / max(1, stored)}),
             "dataset_fingerprint": m["dataset"]["fingerprint"][:16],
         }
 

@@ -7,3 +7,12 @@ class AttncacheError(Exception):
 
 class CacheFormatError(AttncacheError):
     """A cache (possibly from another lab) violates the format spec or fails an integrity check."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C or SIGTERM at a step boundary, after saving a checkpoint: re-run to resume.
+    (A KeyboardInterrupt, so that code catching Exception does not swallow it.)"""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum, self.message = signum, message

@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 
-from attncache.bench import CodecBench, bench_codecs, parse_codec_spec
 from attncache.cache import open_cache
 from attncache.extract import ExtractConfig, extract
+from attncache.teacher import TeacherOptions
+from attncache.tools.bench import CodecBench, bench_codecs, parse_codec_spec
 from attncache.train import TrainConfig, train
 
 TEACHER = "vit_small_patch14_dinov2"
@@ -78,17 +79,19 @@ def cache_dirs(out: Path, codec_spec: str) -> tuple[Path, Path]:
     return out / f"train-{tag}", out / f"val-{tag}"
 
 
+def teacher(args) -> TeacherOptions:
+    return TeacherOptions(TEACHER, weights=args.weights, pretrained=False, image_size=args.image_size)
+
+
 def cache_stats(args, codec_spec: str, out: Path) -> dict:
     """Extract the train and val caches with this codec; its size and error on the train images."""
     name, params = parse_codec_spec(codec_spec)
     train_dir, val_dir = cache_dirs(out, codec_spec)
-    common = dict(teacher=TEACHER, weights=args.weights, pretrained=False, image_size=args.image_size,
-                  codec=name, codec_params=params, batch_size=64, progress=False)
+    common = dict(teacher=teacher(args), codec=name, codec_params=params, batch_size=64, progress=False)
     extract(ExtractConfig(data=args.train, out=str(train_dir), views=2, **common))
     extract(ExtractConfig(data=args.val, out=str(val_dir), split="val", **common))
     summary = open_cache(str(train_dir)).summary()
-    errors = bench_codecs(CodecBench(teacher=TEACHER, data=args.train, weights=args.weights,
-                                     image_size=args.image_size, limit=100, codecs=(codec_spec,), repeats=1,
+    errors = bench_codecs(CodecBench(teacher=teacher(args), data=args.train, limit=100, codecs=(codec_spec,), repeats=1,
                                      batch_size=50))["codecs"][0]
     return {"bytes_per_view": round(summary["shard_bytes_per_view"]), "ratio_vs_raw_fp16":
             round(summary["ratio_vs_raw_fp16"], 2), "kl_mean": errors["kl_mean"], "kl_p99": errors["kl_p99"]}
@@ -99,8 +102,7 @@ def student(args, out: Path, mode: str, codec_spec: str | None, seed: int) -> di
     common = dict(mode=mode, out=str(run), data=args.train, val_data=args.val, epochs=args.epochs,
                   batch_size=args.batch_size, lr=args.lr, seed=seed, workers=0, progress=False, log_every=50)
     if codec_spec is None:  # scratch: the teacher's architecture, live views, no maps
-        cfg = TrainConfig(teacher=TEACHER, weights=args.weights, pretrained=False, image_size=args.image_size,
-                          **common)
+        cfg = TrainConfig(teacher=teacher(args), **common)
     else:
         train_dir, val_dir = cache_dirs(out, codec_spec)
         cfg = TrainConfig(cache=str(train_dir), val_cache=str(val_dir) if mode == "copy" else None, **common)

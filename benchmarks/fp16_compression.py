@@ -17,9 +17,8 @@ import numcodecs
 import numpy as np
 import torch
 
-from attncache.capture import AttentionCapture, parse_layers
-from attncache.data import open_image, open_source
-from attncache.teachers import build_teacher
+from attncache.sources import open_image, open_source
+from attncache.teacher import AttentionCapture, TeacherOptions, parse_layers
 from attncache.views import ViewPolicy, render
 
 _BYTE, _BIT, _NO = numcodecs.Blosc.SHUFFLE, numcodecs.Blosc.BITSHUFFLE, numcodecs.Blosc.NOSHUFFLE
@@ -31,7 +30,8 @@ SETTINGS = [("zstd", 1, _BYTE, 0), ("zstd", 3, _BYTE, 0), ("zstd", 5, _BYTE, 0),
 
 
 def capture_maps(args) -> np.ndarray:
-    model, spec = build_teacher(args.teacher, image_size=args.image_size, weights=args.weights, pretrained=False)
+    model, spec = TeacherOptions(args.teacher, weights=args.weights, pretrained=False,
+                                 image_size=args.image_size).build()
     capture = AttentionCapture(model, parse_layers("all", spec.depth), "probs")
     source = open_source(args.data, limit=args.limit)
     samples = source.scan()
@@ -40,7 +40,7 @@ def capture_maps(args) -> np.ndarray:
     for i, data in source.iter_bytes(range(len(samples))):
         s = samples[i]
         image = open_image(data, s.key)
-        views = policy.draw(s.key, s.width, s.height)
+        views = policy.draw(s.key, s.width, s.height, spec.image_size)
         x = torch.stack([render(image, v, spec.image_size, spec.interpolation, spec.mean, spec.std) for v in views])
         maps.append(capture(x).half().numpy())
     return np.concatenate(maps)

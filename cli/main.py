@@ -1,4 +1,8 @@
-"""`attncache` command line: a thin typer skin over the Python API in `attncache`."""
+"""`attncache` command line: a thin typer skin over the Python API in `attncache`.
+
+Every error, a usage error included, is one line on stderr (`error: ...`) with exit code 2; an interrupted training
+run exits 130 (SIGINT) or 143 (SIGTERM) after one line saying where its checkpoint is.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,72 @@ import json
 import sys
 from enum import Enum
 from pathlib import Path
+from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
-from attncache.errors import AttncacheError
+from attncache import __version__
+from attncache.errors import AttncacheError, RunInterrupted
+from attncache.train.modes import MODES
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+from .options import (
+    Device,
+    ImageSize,
+    OptionalTeacher,
+    Pretrained,
+    StorageOption,
+    Teacher,
+    TeacherArg,
+    Weights,
+    storage_options,
+    teacher_options,
+)
+
+
+def _one_line(message: str) -> str:
+    return "error: " + " ".join(str(message).split())
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (a misspelt option value, a missing option) as one line, like every other error."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as exc:  # click's usage errors (typer vendors click)
+            if not standalone_mode:
+                raise
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            typer.echo(_one_line(exc.format_message().replace("Value error, ", "")) + hint, err=True)
+            sys.exit(2)
+        except typer.Abort:
+            if not standalone_mode:
+                raise
+            typer.echo("error: aborted", err=True)
+            sys.exit(1)
+        if standalone_mode:
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"attncache {__version__}")
+        raise typer.Exit()
+
+
+app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Cache a frozen ViT teacher's attention maps once; train students from the cache.")
-bench_app = typer.Typer(no_args_is_help=True, help="Measurements (see docs/benchmarks.md).")
+bench_app = typer.Typer(cls=OneLineErrors, no_args_is_help=True, help="Measurements (see docs/benchmarks.md).")
 app.add_typer(bench_app, name="bench")
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="print the version and exit")] = False):
+    """Cache a frozen ViT teacher's attention maps once; train students from the cache."""
 
 
 class StoreFormat(str, Enum):
@@ -27,57 +88,53 @@ class Split(str, Enum):
     val = "val"
 
 
+Mode = Enum("Mode", {name: name for name in MODES}, type=str)
+
+
 def _fail(exc: Exception) -> None:
-    typer.echo("error: " + " ".join(str(exc).split()), err=True)  # one line, even for multi-line causes
+    typer.echo(_one_line(str(exc)), err=True)  # one line, even for multi-line causes
     raise typer.Exit(2)
-
-
-def _codec_params(pairs: list[str]) -> dict:
-    from attncache.teachers import parse_teacher_args
-
-    return parse_teacher_args(pairs)
 
 
 @app.command()
 def extract(
-    teacher: str = typer.Option(..., help="alias (mae_vitl, dinov2_vits14, demo, ...) or any timm ViT name"),
+    teacher: Teacher,
     data: str = typer.Option(..., help="image folder, webdataset shards (path or URL), or 'demo'"),
     out: Path = typer.Option(..., help="cache directory (created; an unfinished one is resumed)"),
     format: StoreFormat = typer.Option(StoreFormat.zarr, "--format", help="zarr (random access) or wds (streaming)"),
     views: int = typer.Option(1, help="views per image (train split)"),
-    split: Split = typer.Option(Split.train, help="train: random resized crops + flip; val: one center crop"),
+    split: Split = typer.Option(Split.train, help="train: random resized crops + flip; val: timm's eval crop"),
     layers: str = typer.Option("all", help="all | reference (first depth-3) | indices like 0,1,4-8"),
     payload: str | None = typer.Option(None, help="probs | logits | qk (default: the codec's)"),
     codec: str = typer.Option("fp16", help="fp16 | fp32 | qk | lowrank | sqrtq | logq | cls (docs/format.md)"),
     codec_arg: list[str] = typer.Option([], "--codec-arg", help="codec parameter KEY=VALUE (bits=8, rank=32, ...)"),
     batch_size: int = typer.Option(32, help="teacher batch size"),
-    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
-    amp: bool = typer.Option(False, help="bf16 autocast for the teacher on CUDA"),
-    weights: Path | None = typer.Option(None, help="local weights: .safetensors, timm or MAE .pth"),
-    pretrained: bool = typer.Option(True, help="download hub weights when --weights is not given"),
-    image_size: int | None = typer.Option(None, help="teacher input size (default: the model's)"),
-    teacher_arg: list[str] = typer.Option([], "--teacher-arg", help="timm kwarg KEY=VALUE (patch_size=8, ...)"),
+    device: Device = "cpu",
+    amp: bool = typer.Option(False, help="bf16 autocast for the teacher on CUDA (maps still formed in fp32)"),
+    weights: Weights = None,
+    pretrained: Pretrained = True,
+    image_size: ImageSize = None,
+    teacher_arg: TeacherArg = [],  # noqa: B006 - typer reads the default, never mutates it
     seed: int = typer.Option(0, help="seed the view parameters are drawn from"),
     shard_records: int | None = typer.Option(None, help="records per shard (default: ~256 MB raw)"),
     embed_images: bool = typer.Option(False, help="wds only: put the image bytes beside the maps"),
     workers: int = typer.Option(2, help="threads that decode and render images"),
     limit: int | None = typer.Option(None, help="only the first N images (smoke runs)"),
+    repair: bool = typer.Option(False, help="re-hash every file of a finished cache; rewrite the shards that differ"),
     quiet: bool = typer.Option(False, help="no progress output"),
 ):
     """Run the teacher once over DATA and write its attention maps to OUT."""
     from attncache.extract import ExtractConfig
     from attncache.extract import extract as run_extract
-    from attncache.teachers import parse_teacher_args
+    from attncache.teacher import parse_kwargs
 
     try:
         cfg = ExtractConfig(
-            teacher=teacher, data=data, out=str(out), format=format.value, views=views, split=split.value,
-            layers=layers, payload=payload, codec=codec, codec_params=_codec_params(codec_arg),
-            batch_size=batch_size, device=device, amp=amp, weights=str(weights) if weights else None,
-            pretrained=pretrained, image_size=image_size, teacher_args=parse_teacher_args(teacher_arg), seed=seed,
-            records_per_shard=shard_records, embed_images=embed_images, workers=workers, limit=limit,
-            progress=not quiet,
-        )
+            teacher=teacher_options(teacher, weights, pretrained, image_size, teacher_arg), data=data,
+            out=str(out), format=format.value, views=views, split=split.value, layers=layers, payload=payload,
+            codec=codec, codec_params=parse_kwargs(codec_arg, "--codec-arg"), batch_size=batch_size, device=device,
+            amp=amp, seed=seed, records_per_shard=shard_records, embed_images=embed_images, workers=workers,
+            limit=limit, repair=repair, progress=not quiet)
         manifest = run_extract(cfg)
     except AttncacheError as exc:
         _fail(exc)
@@ -86,12 +143,13 @@ def extract(
 
 @app.command()
 def inspect(cache: str = typer.Argument(..., help="cache directory or URL"),
-            as_json: bool = typer.Option(False, "--json", help="machine-readable output")):
+            as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+            storage_option: StorageOption = []):  # noqa: B006
     """Summarise a cache: teacher, layers, codec, views, sizes."""
     from attncache import open_cache
 
     try:
-        summary = open_cache(cache).summary()
+        summary = open_cache(cache, storage_options(storage_option)).summary()
     except AttncacheError as exc:
         _fail(exc)
     if as_json:
@@ -107,40 +165,36 @@ def inspect(cache: str = typer.Argument(..., help="cache directory or URL"),
 
 
 @app.command()
-def verify(cache: str = typer.Argument(..., help="cache directory or URL")):
-    """Check every file's size and sha256 against the manifest, and that every shard decodes."""
-    from attncache.verify import verify_cache
+def verify(cache: str = typer.Argument(..., help="cache directory or URL"),
+           storage_option: StorageOption = []):  # noqa: B006
+    """Check every file's size and sha256 against the manifest, that nothing else is there, and that every shard
+    decodes."""
+    from attncache.tools.verify import verify_cache
 
     try:
-        result = verify_cache(cache)
+        result = verify_cache(cache, storage_options(storage_option))
     except AttncacheError as exc:
         _fail(exc)
     typer.echo(f"ok: {result['files']} files, {result['records']} records, {result['bytes']:,} bytes")
 
 
-class Mode(str, Enum):
-    copy = "copy"
-    distill = "distill"
-    gta = "gta"
-    scratch = "scratch"
-    finetune = "finetune"
-
-
 @app.command()
 def train(
-    mode: Mode = typer.Option(..., help="copy | distill | gta (transfer), scratch | finetune (baselines)"),
+    mode: Mode = typer.Option(..., help="copy | distill | gta (transfer), scratch | finetune (baselines): "
+                                        "docs/training.md"),
     out: Path = typer.Option(..., help="run directory (created; an unfinished run is resumed)"),
     cache: str | None = typer.Option(None, help="train cache: teacher maps + views"),
     data: str | None = typer.Option(None, help="train images joined to the cache by key (or live views)"),
     val_cache: str | None = typer.Option(None, help="val cache (--split val); copy mode needs it"),
-    val_data: str | None = typer.Option(None, help="val images (joined to --val-cache, or centre crops)"),
+    val_data: str | None = typer.Option(None, help="val images (joined to --val-cache, or timm's eval crops)"),
+    storage_option: StorageOption = [],  # noqa: B006
     student: str | None = typer.Option(None, help="timm name (default: the teacher's architecture)"),
     student_arg: list[str] = typer.Option([], "--student-arg", help="timm kwarg KEY=VALUE for --student"),
-    teacher: str | None = typer.Option(None, help="live teacher instead of cached maps (baselines, parity)"),
-    weights: Path | None = typer.Option(None, help="teacher weights: live teacher, gta/finetune start"),
-    pretrained: bool = typer.Option(True, help="hub weights for a live teacher without --weights"),
-    image_size: int | None = typer.Option(None, help="live teacher input size"),
-    teacher_arg: list[str] = typer.Option([], "--teacher-arg", help="live teacher timm kwarg KEY=VALUE"),
+    teacher: OptionalTeacher = None,
+    weights: Weights = None,
+    pretrained: Pretrained = True,
+    image_size: ImageSize = None,
+    teacher_arg: TeacherArg = [],  # noqa: B006
     layers: str | None = typer.Option(None, help="transferred layers (default: first depth-3; gta: all cached)"),
     epochs: int = typer.Option(10), batch_size: int = typer.Option(64), lr: float = typer.Option(5e-4),
     min_lr: float = typer.Option(1e-6), weight_decay: float = typer.Option(0.05),
@@ -152,7 +206,7 @@ def train(
     ema: float | None = typer.Option(None, help="EMA decay (e.g. 0.9999)"),
     mixup: float = typer.Option(0.0, help="refused unless the cache carries mixed views"),
     cutmix: float = typer.Option(0.0, help="refused unless the cache carries mixed views"),
-    seed: int = typer.Option(0), device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
+    seed: int = typer.Option(0), device: Device = "cpu",
     amp: bool = typer.Option(True, help="bf16 autocast on CUDA (CPU runs fp32)"),
     workers: int = typer.Option(2, help="DataLoader worker processes"),
     max_steps: int | None = typer.Option(None, help="stop after N steps (checkpointed; resumable)"),
@@ -161,24 +215,27 @@ def train(
     quiet: bool = typer.Option(False, help="no progress output"),
 ):
     """Train a student from a cache (or a live teacher); re-running the same command resumes."""
-    from attncache.teachers import parse_teacher_args
+    from attncache.teacher import parse_kwargs
     from attncache.train import TrainConfig
     from attncache.train import train as run_train
 
     try:
         cfg = TrainConfig(
             mode=mode.value, out=str(out), cache=cache, data=data, val_cache=val_cache, val_data=val_data,
-            student=student, student_args=parse_teacher_args(student_arg), teacher=teacher,
-            weights=str(weights) if weights else None, pretrained=pretrained, image_size=image_size,
-            teacher_args=parse_teacher_args(teacher_arg), layers=layers, epochs=epochs, batch_size=batch_size,
-            lr=lr, min_lr=min_lr, weight_decay=weight_decay, beta2=beta2, warmup_epochs=warmup_epochs,
-            label_smoothing=label_smoothing, distill_weight=distill_weight, gta_weight=gta_weight,
-            drop_path=drop_path, clip_grad=clip_grad, ema=ema, mixup=mixup, cutmix=cutmix, seed=seed,
-            device=device, amp=amp, workers=workers, max_steps=max_steps, save_every=save_every,
+            storage_options=storage_options(storage_option), student=student,
+            student_args=parse_kwargs(student_arg, "--student-arg"),
+            teacher=teacher_options(teacher, weights, pretrained, image_size, teacher_arg), layers=layers,
+            epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, weight_decay=weight_decay, beta2=beta2,
+            warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, distill_weight=distill_weight,
+            gta_weight=gta_weight, drop_path=drop_path, clip_grad=clip_grad, ema=ema, mixup=mixup, cutmix=cutmix,
+            seed=seed, device=device, amp=amp, workers=workers, max_steps=max_steps, save_every=save_every,
             log_every=log_every, progress=not quiet)
         results = run_train(cfg)
     except AttncacheError as exc:
         _fail(exc)
+    except RunInterrupted as exc:
+        typer.echo(f"interrupted: {exc.message}", err=True)
+        raise typer.Exit(128 + exc.signum) from None
     typer.echo(json.dumps(results, indent=2))
 
 
@@ -189,14 +246,15 @@ def evaluate(
     val_data: str | None = typer.Option(None, help="default: the run's"),
     ensemble_with: Path | None = typer.Option(None, help="a finetune run: also report the averaged ensemble"),
     ema: bool = typer.Option(False, help="evaluate the EMA weights"),
-    batch_size: int = typer.Option(64), device: str = typer.Option("cpu"), workers: int = typer.Option(0),
+    storage_option: StorageOption = [],  # noqa: B006
+    batch_size: int = typer.Option(64), device: Device = "cpu", workers: int = typer.Option(0),
 ):
     """Top-1 of a trained student (and of its ensemble with a fine-tuned teacher)."""
-    from attncache.evaluate import evaluate_run
+    from attncache.eval import evaluate_run
 
     try:
         result = evaluate_run(str(checkpoint), val_cache, val_data, str(ensemble_with) if ensemble_with else None,
-                              "ema" if ema else "model", device, batch_size, workers)
+                              "ema" if ema else "model", device, batch_size, workers, storage_options(storage_option))
     except AttncacheError as exc:
         _fail(exc)
     typer.echo(json.dumps(result, indent=2))
@@ -204,24 +262,27 @@ def evaluate(
 
 @bench_app.command("extract")
 def bench_extract(
-    teacher: str = typer.Option("demo"), data: str = typer.Option("demo"), out: Path = typer.Option(...),
-    batch_size: int = typer.Option(32), device: str = typer.Option("cpu"), weights: Path | None = None,
-    image_size: int | None = None, teacher_arg: list[str] = typer.Option([], "--teacher-arg"),
-    format: StoreFormat = typer.Option(StoreFormat.zarr, "--format"), codec: str = "fp16",
-    layers: str = "all", limit: int | None = typer.Option(None, help="use the first N images"),
+    out: Path = typer.Option(..., help="scratch directory (created empty, or one this benchmark made)"),
+    teacher: Teacher = "demo", weights: Weights = None, pretrained: Pretrained = True,
+    image_size: ImageSize = None, teacher_arg: TeacherArg = [],  # noqa: B006
+    data: str = typer.Option("demo"), batch_size: int = typer.Option(32), device: Device = "cpu",
+    format: StoreFormat = typer.Option(StoreFormat.zarr, "--format"), codec: str = typer.Option("fp16"),
+    codec_arg: list[str] = typer.Option([], "--codec-arg", help="codec parameter KEY=VALUE"),
+    layers: str = typer.Option("all"), limit: int | None = typer.Option(None, help="use the first N images"),
     views: int = typer.Option(4, help="views per image (more records per measured pass)"),
     repeats: int = typer.Option(3, help="passes per stage; the best is reported"),
 ):
-    """Teacher inference rate, encode+write rate and extraction rate, measured in one run."""
-    from attncache.bench import ExtractBench
-    from attncache.bench import bench_extract as run
+    """Plain inference, teacher+capture, encode+write and extraction rates, measured in one run."""
+    from attncache.teacher import parse_kwargs
+    from attncache.tools.bench import ExtractBench
+    from attncache.tools.bench import bench_extract as run
 
     try:
         result = run(ExtractBench(
-            teacher=teacher, data=data, out=str(out), batch_size=batch_size, device=device,
-            weights=str(weights) if weights else None, image_size=image_size,
-            teacher_args=_codec_params(teacher_arg), format=format.value, codec=codec, layers=layers,
-            limit=limit, views=views, repeats=repeats))
+            teacher=teacher_options(teacher, weights, pretrained, image_size, teacher_arg), data=data, out=str(out),
+            batch_size=batch_size, device=device, format=format.value, codec=codec,
+            codec_params=parse_kwargs(codec_arg, "--codec-arg"), layers=layers, limit=limit, views=views,
+            repeats=repeats))
     except AttncacheError as exc:
         _fail(exc)
     typer.echo(json.dumps(result, indent=2))
@@ -229,9 +290,10 @@ def bench_extract(
 
 @bench_app.command("codecs")
 def bench_codecs(
-    teacher: str = typer.Option("demo"), data: str = typer.Option("demo"), weights: Path | None = None,
-    image_size: int | None = None, teacher_arg: list[str] = typer.Option([], "--teacher-arg"),
-    layers: str = "all", limit: int | None = typer.Option(None, help="use the first N images (one view each)"),
+    teacher: Teacher = "demo", weights: Weights = None, pretrained: Pretrained = True,
+    image_size: ImageSize = None, teacher_arg: TeacherArg = [],  # noqa: B006
+    data: str = typer.Option("demo"), layers: str = typer.Option("all"),
+    limit: int | None = typer.Option(None, help="use the first N images (one view each)"),
     batch_size: int = typer.Option(8), device: str = typer.Option("cpu", help="where device_decode is measured"),
     codec: list[str] = typer.Option([], "--codec", help="NAME or NAME:KEY=VALUE,... (repeatable; default: a "
                                                         "sweep of every codec)"),
@@ -239,13 +301,12 @@ def bench_codecs(
     as_json: bool = typer.Option(False, "--json", help="JSON only, no table"),
 ):
     """Bytes/view, ratio vs raw fp16, KL and error against the exact maps, encode/decode MB/s per core."""
-    from attncache.bench import DEFAULT_BENCH_CODECS, CodecBench
-    from attncache.bench import bench_codecs as run
+    from attncache.tools.bench import DEFAULT_BENCH_CODECS, CodecBench
+    from attncache.tools.bench import bench_codecs as run
 
     try:
-        result = run(CodecBench(teacher=teacher, data=data, weights=str(weights) if weights else None,
-                                image_size=image_size, teacher_args=_codec_params(teacher_arg), layers=layers,
-                                limit=limit, batch_size=batch_size, device=device,
+        result = run(CodecBench(teacher=teacher_options(teacher, weights, pretrained, image_size, teacher_arg),
+                                data=data, layers=layers, limit=limit, batch_size=batch_size, device=device,
                                 codecs=tuple(codec) or DEFAULT_BENCH_CODECS, repeats=repeats))
     except AttncacheError as exc:
         _fail(exc)
@@ -276,20 +337,22 @@ def _codec_table(result: dict) -> None:
 @bench_app.command("train")
 def bench_train(
     cache: str = typer.Option(..., help="train cache to read"), data: str | None = typer.Option(None),
-    out: Path = typer.Option(Path("bench_out/train"), help="scratch directory (removed first)"),
-    teacher: str | None = typer.Option(None, help="live-teacher baseline (default: the cache's architecture)"),
-    weights: Path | None = typer.Option(None, help="live teacher weights (default: hub)"),
-    mode: Mode = typer.Option(Mode.copy), layers: str | None = None, batch_size: int = typer.Option(16),
+    out: Path = typer.Option(Path("bench_out/train"), help="scratch directory (created empty, or one this "
+                                                           "benchmark made)"),
+    teacher: OptionalTeacher = None, weights: Weights = None, pretrained: Pretrained = True,
+    image_size: ImageSize = None, teacher_arg: TeacherArg = [],  # noqa: B006
+    mode: Mode = typer.Option("copy"), layers: str | None = None, batch_size: int = typer.Option(16),
     steps: int = typer.Option(20, help="measured steps per rate"), warmup: int = typer.Option(3),
-    workers: int = typer.Option(2), device: str = typer.Option("cpu"),
+    workers: int = typer.Option(2), device: Device = "cpu",
 ):
     """Images/s of cached training, live-teacher training, the student alone and the reader alone, in one run."""
-    from attncache.bench import TrainBench
-    from attncache.bench import bench_train as run
+    from attncache.tools.bench import TrainBench
+    from attncache.tools.bench import bench_train as run
 
+    live = teacher_options(teacher, weights, pretrained, image_size, teacher_arg) \
+        if teacher or weights else None
     try:
-        result = run(TrainBench(cache=cache, data=data, out=str(out), teacher=teacher,
-                                weights=str(weights) if weights else None, mode=mode.value, layers=layers,
+        result = run(TrainBench(cache=cache, data=data, out=str(out), teacher=live, mode=mode.value, layers=layers,
                                 batch_size=batch_size, steps=steps, warmup=warmup, workers=workers, device=device))
     except AttncacheError as exc:
         _fail(exc)
@@ -301,7 +364,7 @@ def demo(out: Path = typer.Option(Path("demo_out"), help="where the demo writes 
          epochs: int = typer.Option(30, help="training epochs of the teacher and of each student")):
     """End to end on the embedded demo set: train a tiny teacher -> extract train/val caches -> verify ->
     train scratch, copy and distill students from the cache -> results table."""
-    from attncache.demo import run_demo
+    from attncache.tools.demo import run_demo
 
     try:
         run_demo(out, epochs)
@@ -310,4 +373,4 @@ def demo(out: Path = typer.Option(Path("demo_out"), help="where the demo writes 
 
 
 def main() -> None:  # pragma: no cover
-    sys.exit(app())
+    app()

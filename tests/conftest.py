@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from attncache.data import open_image
 from attncache.extract import ExtractConfig, extract
-from attncache.teachers import build_teacher
+from attncache.sources import open_image
+from attncache.teacher import TeacherOptions
 from attncache.views import View, render
 
 torch.set_num_threads(2)
@@ -34,10 +34,14 @@ class TinyTeacher:
     args: dict  # timm kwargs besides img_size
     weights: Path  # local safetensors file
 
-    def config(self, data, out, **kw) -> ExtractConfig:
+    def options(self, **kw) -> TeacherOptions:
+        """This teacher as the API takes it: local weights."""
+        base = dict(name=self.name, weights=str(self.weights), image_size=self.image_size, args=dict(self.args))
+        return TeacherOptions(**{**base, **kw})
+
+    def config(self, data, out, teacher: TeacherOptions | None = None, **kw) -> ExtractConfig:
         """An ExtractConfig for this teacher: local weights, quiet, small batches."""
-        base = dict(teacher=self.name, data=str(data), out=str(out), weights=str(self.weights),
-                    image_size=self.image_size, teacher_args=dict(self.args), batch_size=4, workers=1,
+        base = dict(teacher=teacher or self.options(), data=str(data), out=str(out), batch_size=4, workers=1,
                     progress=False)
         return ExtractConfig(**{**base, **kw})
 
@@ -60,8 +64,8 @@ TINY_REG = dict(name="vit_small_patch14_reg4_dinov2", image_size=28, args=dict(d
 
 
 def _save_teacher(spec: dict, path: Path, seed: int = 0) -> TinyTeacher:
-    model, _ = build_teacher(spec["name"], image_size=spec["image_size"], pretrained=False,
-                             teacher_args=spec["args"])
+    model, _ = TeacherOptions(spec["name"], image_size=spec["image_size"], pretrained=False,
+                              args=spec["args"]).build()
     if seed:  # a second, different set of weights of the same architecture
         g = torch.Generator().manual_seed(seed)
         model.load_state_dict({k: torch.randn(v.shape, generator=g) * 0.05 if v.is_floating_point() else v
@@ -173,7 +177,7 @@ def reference_maps(model: torch.nn.Module, x: torch.Tensor, layers, payload: str
 def render_sample(data: bytes, view: View | dict, teacher) -> torch.Tensor:
     """Pixels of one view, with the teacher geometry of a TeacherSpec or a manifest's teacher section."""
     if isinstance(view, dict):
-        view = View.from_json({k: view[k] for k in ("box", "flip")})
+        view = View.from_json({k: v for k, v in view.items() if k not in ("sample", "view")})
     t = teacher if isinstance(teacher, dict) else teacher.__dict__
     return render(open_image(data, "test"), view, t["image_size"], t["interpolation"], t["mean"], t["std"])
 

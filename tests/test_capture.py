@@ -6,10 +6,9 @@ import pytest
 import torch
 from conftest import reference_maps, render_sample
 
-from attncache.capture import AttentionCapture, parse_layers
-from attncache.data import open_source
 from attncache.errors import AttncacheError
-from attncache.teachers import build_teacher
+from attncache.sources import open_source
+from attncache.teacher import AttentionCapture, parse_layers
 from attncache.views import ViewPolicy
 
 
@@ -20,13 +19,13 @@ def _rendered_batch(teacher, spec, n=6, seed=3):
     policy = ViewPolicy(views_per_image=1, seed=seed)
     xs = []
     for (_, data), s in zip(source.iter_bytes(range(len(samples))), samples, strict=True):
-        view = policy.draw(s.key, s.width, s.height)[0]
+        view = policy.draw(s.key, s.width, s.height, spec.image_size)[0]
         xs.append(render_sample(data, view, spec))
     return torch.stack(xs)
 
 
 def _teacher(t):
-    return build_teacher(t.name, image_size=t.image_size, weights=t.weights, teacher_args=t.args)
+    return t.options().build()
 
 
 @pytest.mark.parametrize("payload", ["probs", "logits"])

@@ -103,7 +103,7 @@ def _bad_cases(tmp_path, teacher, other_teacher):
          "unknown teacher 'vit_imaginary'"),
         ([*_swap(["extract", *base, *demo, *fresh], "--image-size", "30")], "image size 30"),
         (["extract", *base, *demo, "--out", other_cache, "--layers", "0"], "holds a different cache (teacher differs)"),
-        (["extract", *base, *demo, "--out", busy], f"--out {busy}: directory is not empty"),
+        (["extract", *base, *demo, "--out", busy], f"--out {busy}: not empty and holds no attncache cache"),
         (["extract", *base, *demo, *fresh, "--layers", "0-5"], "--layers '0-5'"),
         (["extract", *base, *demo, *fresh, "--codec", "zfp"], "unknown codec 'zfp'"),
         (["extract", *base, *demo, *fresh, "--embed-images"], "--embed-images needs --format wds"),

@@ -18,6 +18,7 @@ from attncache.codecs import CaptureShape, get_codec
 from attncache.codecs.qk import low_rank_factors, quantize_rows
 from attncache.errors import AttncacheError, CacheFormatError
 from attncache.extract import extract
+from attncache.teacher import TeacherOptions
 from attncache.train import TrainConfig, Trainer
 
 
@@ -160,7 +161,8 @@ def _train(tmp_path, name, mode, cache, data, **kw) -> list[float]:
 @pytest.mark.parametrize("key,mode", [(("qk", '{"bits": 8}'), "copy"), (("sqrtq", '{"bits": 8}'), "distill"),
                                       (("lowrank", '{"rank": 4, "bits": 8}'), "gta")])
 def test_train_from_compact_cache(codec_caches, tiny_teacher, image_folder, tmp_path, key, mode):
-    weights = {"weights": str(tiny_teacher.weights)} if mode == "gta" else {}  # gta fine-tunes the teacher
+    # gta fine-tunes the teacher
+    weights = {"teacher": TeacherOptions(weights=str(tiny_teacher.weights))} if mode == "gta" else {}
     losses = _train(tmp_path, "run", mode, codec_caches[key], image_folder, **weights)
     assert len(losses) == 3 and np.isfinite(losses).all()
 

@@ -3,6 +3,7 @@ and bad input fails early with a message naming the culprit."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -16,7 +17,8 @@ from safetensors.torch import load_file
 
 from attncache import AttncacheError, extract, open_cache
 from attncache.store import WRITERS
-from attncache.verify import verify_cache
+from attncache.teacher import TeacherOptions
+from attncache.tools.verify import verify_cache
 from attncache.views import ViewPolicy
 
 extract_mod = importlib.import_module("attncache.extract")  # the module (the package re-exports the function)
@@ -37,7 +39,7 @@ def test_fp32_cache_replays_the_live_teacher(folder_fp32_zarr, tiny_teacher, ima
             item = cache[key, v]
             assert (item.key, item.view_index, item.label) == (key, v, classes.index(cls))
             # the stored view is the one the documented policy draws for this key and size
-            assert item.view == ViewPolicy(views_per_image=2, seed=0).draw(key, *size)[v]
+            assert item.view == ViewPolicy(views_per_image=2, seed=0).draw(key, *size, 32)[v]
             xs.append(render_sample((image_folder / key).read_bytes(), item.view, cache.teacher))
             cached.append(item.maps)
     live = reference_maps(model, torch.stack(xs), [0, 1], "probs")
@@ -77,18 +79,21 @@ def test_registers_teacher_end_to_end(tmp_path, reg_teacher):
     assert m["teacher"]["num_prefix_tokens"] == 5 and m["teacher"]["num_tokens"] == 9
     assert m["capture"]["map_shape"] == [2, 2, 9, 9] and m["capture"]["payload"] == "logits"
     assert m["views"]["split"] == "val" and m["views"]["crop_pct"] == m["teacher"]["crop_pct"]
+    assert m["version"] == 2  # the val views' resize step is format version 2
     cache = open_cache(str(out))
     assert len(cache) == 16 and len(m["store"]["shards"]) == 3
-    from attncache.data import open_source
+    from attncache.sources import open_source
 
     source = open_source("demo:4", split="val")  # the val demo images are drawn with their own seed
     keys = [s["key"] for s in cache.samples]
     xs = []
     for i, data in source.iter_bytes(range(16)):
         assert hashlib.sha256(data).hexdigest() == cache.samples[i]["sha256"]
-        side = 48 * m["teacher"]["crop_pct"]  # val: one center crop of each 48x48 image
-        assert cache.views[i] == {"sample": i, "view": 0, "flip": False,
-                                  "box": [(48 - side) / 2, (48 - side) / 2, (48 + side) / 2, (48 + side) / 2]}
+        # val: timm's eval transform of each 48x48 image: resize to floor(28 / crop_pct), centre 28 x 28 crop
+        scale = int(28 // m["teacher"]["crop_pct"])
+        offset = float(round((scale - 28) / 2))
+        assert cache.views[i] == {"sample": i, "view": 0, "flip": False, "resize": [scale, scale],
+                                  "box": [offset, offset, offset + 28, offset + 28]}
         xs.append(render_sample(data, cache.views[i], cache.teacher))
     live = reference_maps(reg_teacher.timm_model(), torch.stack(xs), [0, 1], "logits")
     torch.testing.assert_close(cache.read_rows(list(range(16))), live, rtol=1e-5, atol=1e-5)
@@ -249,7 +254,7 @@ def test_interrupted_run_resumes_to_the_same_cache(uninterrupted, tmp_path, monk
     assert resumed["files"] == full["files"]
     rows = list(range(16))
     assert torch.equal(open_cache(str(out)).read_rows(rows), open_cache(str(full_out)).read_rows(rows))
-    assert stray.exists() and stray.relative_to(out).as_posix() not in json.dumps(resumed)
+    assert not stray.exists()  # a finished cache holds only the files its format names
     verify_cache(str(out))
 
 
@@ -307,7 +312,11 @@ def test_rerun_repairs_a_corrupted_finished_cache(tmp_path, tiny_teacher):
     victim.write_bytes(bytes(data))
     with pytest.raises(AttncacheError, match="shard-000003.tar"):
         verify_cache(str(out))
-    again = extract(cfg)
+    stats = {}
+    assert extract(cfg, stats=stats) == first and stats["records"] == 0  # a re-run checks sizes only: cheap
+    assert victim.read_bytes() == bytes(data)
+    again = extract(dataclasses.replace(cfg, repair=True), stats=stats)  # --repair re-hashes every file
+    assert stats["records"] == 4  # one shard rewritten
     assert victim.read_bytes() == good and _shard_sha(again) == _shard_sha(first)
     verify_cache(str(out))
 
@@ -336,10 +345,10 @@ def _tree(root: Path) -> dict:
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        (dict(teacher="vit_nonexistent_patch3"), "unknown teacher 'vit_nonexistent_patch3'"),
-        (dict(teacher="resnet18", teacher_args={}, weights=None, image_size=None, pretrained=False),
-         "not a timm VisionTransformer"),
-        (dict(image_size=30), "30"),
+        (dict(teacher=TeacherOptions("vit_nonexistent_patch3")), "unknown teacher 'vit_nonexistent_patch3'"),
+        (dict(teacher=TeacherOptions("resnet18", pretrained=False)), "not a timm VisionTransformer"),
+        (dict(teacher=TeacherOptions("vit_tiny_patch16_224", pretrained=False, image_size=30,
+                                     args=dict(patch_size=8, depth=2, embed_dim=64, num_heads=4))), "30"),
         (dict(layers="0,7"), "--layers '0,7'"),
         (dict(layers="first"), "--layers 'first'"),
         (dict(codec="jpeg"), "unknown codec 'jpeg'"),
@@ -350,8 +359,8 @@ def _tree(root: Path) -> dict:
         (dict(format="parquet"), "--format 'parquet'"),
         (dict(views=0), "--views 0"),
         (dict(split="val", views=2), "--split val"),
-        (dict(teacher_args={"patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 4, "bogus_kw": 1}),
-         "bogus_kw"),
+        (dict(teacher=TeacherOptions("vit_tiny_patch16_224", pretrained=False, image_size=32, args={
+            "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 4, "bogus_kw": 1})), "bogus_kw"),
     ],
 )
 def test_bad_options_fail_before_anything_is_written(tmp_path, tiny_teacher, image_folder, teacher_never_runs,
@@ -384,16 +393,17 @@ def test_out_holding_a_different_cache_is_refused(tmp_path, tiny_teacher, other_
     _forbid_teacher(monkeypatch)
     before = _tree(out)
     cases = [
-        (other_tiny_teacher.config("demo:1", out, layers="0"), "teacher differs"),
-        (tiny_teacher.config("demo:1", out, layers="0", seed=1), "views differs"),
-        (tiny_teacher.config("demo:1", out, layers="0", views=2), "views differs"),
-        (tiny_teacher.config("demo:1", out, layers="all"), "capture differs"),
-        (tiny_teacher.config("demo:1", out, layers="0", codec="fp32"), "codec differs"),
-        (tiny_teacher.config("demo:2", out, layers="0"), "dataset differs"),
-        (tiny_teacher.config("demo:1", out, layers="0", format="wds"), "store differs"),
+        (other_tiny_teacher.config("demo:1", out, layers="0"), "teacher"),
+        (tiny_teacher.config("demo:1", out, layers="0", seed=1), "views"),
+        (tiny_teacher.config("demo:1", out, layers="0", views=2), "views"),
+        (tiny_teacher.config("demo:1", out, layers="all"), "capture"),
+        (tiny_teacher.config("demo:1", out, layers="0", codec="fp32"), "codec"),
+        (tiny_teacher.config("demo:2", out, layers="0"), "dataset"),
+        (tiny_teacher.config("demo:1", out, layers="0", format="wds"), "store"),
     ]
     for cfg, match in cases:
-        with pytest.raises(AttncacheError, match=f"--out {out}: holds a different cache.*{match}"):
+        expected = rf"--out {out}: holds a different cache \([a-z, ]*{match}[a-z, ]* differ"
+        with pytest.raises(AttncacheError, match=expected):
             extract(cfg)
     assert _tree(out) == before
 
@@ -402,7 +412,7 @@ def test_out_not_empty_and_not_a_cache(tmp_path, tiny_teacher, teacher_never_run
     out = tmp_path / "homework"
     out.mkdir()
     (out / "thesis.tex").write_text("precious")
-    with pytest.raises(AttncacheError, match=f"--out {out}: directory is not empty"):
+    with pytest.raises(AttncacheError, match=f"--out {out}: not empty and holds no attncache cache"):
         extract(tiny_teacher.config("demo:1", out))
     assert _tree(out) == {"thesis.tex": b"precious"}
 
@@ -429,7 +439,7 @@ def test_damaged_finished_cache_is_repaired_keeping_intact_shards(uninterrupted,
     first = extract(cfg)
     victim = out / first["store"]["shards"][1]["files"][0]["path"]
     good = victim.read_bytes()
-    victim.write_bytes(good[:-7] + b"garbage")  # a finished cache, one shard damaged after the fact
+    victim.write_bytes(good[:-7])  # a finished cache, one shard truncated after the fact
     kept = [out / f["path"] for i in (0, 2, 3) for f in first["store"]["shards"][i]["files"]]
     untouched = _stat(kept)
 

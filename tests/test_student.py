@@ -8,16 +8,16 @@ from conftest import TINY_VIT, reference_maps
 from safetensors.torch import load_file
 
 from attncache.errors import AttncacheError
-from attncache.losses import distill_loss, gta_loss, teacher_targets
-from attncache.student import (
+from attncache.train.losses import distill_loss, gta_loss
+from attncache.train.modes import MODES
+from attncache.train.student import (
     StudentSpec,
+    TransferAttention,
     check_geometry,
     create_student,
-    enable_transfer,
     load_pretrained,
     student_forward,
 )
-from attncache.teachers import build_teacher
 
 
 def tiny_student(num_classes=3, seed=0):
@@ -32,8 +32,8 @@ def random_probs(b, h, n, seed=0):
 
 def test_copy_injection_is_softmax_map_times_own_v():
     model, _ = tiny_student()
-    enable_transfer(model, [0])
     attn = model.blocks[0].attn
+    assert type(attn) is TransferAttention  # built by timm through its attn_layer hook
     x = torch.randn(2, 17, 64)
     probs = random_probs(2, 4, 17)
     attn.transfer_probs = probs
@@ -51,10 +51,9 @@ def test_copy_injection_is_softmax_map_times_own_v():
 
 def test_copy_gradients_reach_v_but_not_transferred_qk():
     model, _ = tiny_student()
-    enable_transfer(model, [0])
     images = torch.randn(2, 3, 32, 32)
     maps = torch.stack([random_probs(2, 4, 17, seed=1)], dim=1)
-    out, _ = student_forward(model, images, [0], "copy", maps)
+    out, _ = student_forward(model, images, [0], "inject", maps)
     out.sum().backward()
     g0, g1 = model.blocks[0].attn.qkv.weight.grad, model.blocks[1].attn.qkv.weight.grad
     assert torch.count_nonzero(g0[:128]) == 0  # q and k rows of the transferred layer: no gradient at all
@@ -62,7 +61,7 @@ def test_copy_gradients_reach_v_but_not_transferred_qk():
     assert torch.count_nonzero(g0[128:]) > 0  # its own V learns
     assert torch.count_nonzero(g1[:128]) > 0  # the untransferred layer's q/k learn as usual
     # the map is what the layer used: another map gives another output
-    out2, _ = student_forward(model, images, [0], "copy", torch.stack([random_probs(2, 4, 17, seed=2)], 1))
+    out2, _ = student_forward(model, images, [0], "inject", torch.stack([random_probs(2, 4, 17, seed=2)], 1))
     assert not torch.allclose(out, out2)
     assert model.blocks[0].attn.transfer_probs is None  # nothing left behind for the next forward
 
@@ -71,12 +70,11 @@ def test_distill_records_timms_own_logits():
     model, _ = tiny_student()
     reference = reference_maps(model, torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
                                [0, 1], "logits")
-    enable_transfer(model, [0, 1])
     model.eval()
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    out, recorded = student_forward(model, x, [0, 1], "distill")
+    out, recorded = student_forward(model, x, [0, 1], "record")
     torch.testing.assert_close(torch.stack(recorded, 1), reference, rtol=0, atol=1e-5)
-    _, cls_rows = student_forward(model, x, [0, 1], "gta")
+    _, cls_rows = student_forward(model, x, [0, 1], "record_cls")
     torch.testing.assert_close(torch.stack(cls_rows, 1), reference[:, :, :, :1], rtol=0, atol=1e-5)
     # recording does not change the forward
     plain = timm.create_model(TINY_VIT["name"], num_classes=3, img_size=32, **TINY_VIT["args"]).eval()
@@ -108,20 +106,18 @@ def test_gta_penalty_by_hand():
     assert gta_loss(t, [s0, s1]).item() == 12.0
     # from a full logits map, gta keeps exactly the [CLS]-query rows
     maps = torch.randn(2, 2, 3, 4, 4)
-    assert torch.equal(teacher_targets(maps, "logits", "gta"), maps[:, :, :, :1])
-    torch.testing.assert_close(teacher_targets(maps, "logits", "copy"), maps.softmax(-1))
+    assert torch.equal(MODES["gta"].teacher_targets(maps, "logits"), maps[:, :, :, :1])
+    torch.testing.assert_close(MODES["copy"].teacher_targets(maps, "logits"), maps.softmax(-1))
 
 
 def test_student_checkpoint_keys_are_timms():
     model, spec = tiny_student()
-    enable_transfer(model, [0, 1])
     plain = timm.create_model(spec.model, num_classes=3, img_size=32, **TINY_VIT["args"])
     plain.load_state_dict(model.state_dict(), strict=True)
 
 
 def test_student_geometry_must_fit_the_cache(tiny_teacher):
-    _, teacher = build_teacher(tiny_teacher.name, image_size=32, weights=tiny_teacher.weights,
-                               teacher_args=tiny_teacher.args)
+    _, teacher = tiny_teacher.options().build()
     wrong = StudentSpec(TINY_VIT["name"], {**TINY_VIT["args"], "num_heads": 2}, 32, 3)
     try:
         check_geometry(create_student(wrong), wrong, teacher, [0], "cache X")
@@ -141,10 +137,9 @@ def test_student_geometry_must_fit_the_cache(tiny_teacher):
 
 
 def test_pretrained_start_copies_the_teacher_body(tiny_teacher):
-    _, teacher = build_teacher(tiny_teacher.name, image_size=32, weights=tiny_teacher.weights,
-                               teacher_args=tiny_teacher.args)
+    _, teacher = tiny_teacher.options().build()
     model, _ = tiny_student(num_classes=5)
-    sha = load_pretrained(model, str(tiny_teacher.weights), teacher, "finetune")
+    sha = load_pretrained(model, load_file(str(tiny_teacher.weights)), "test")
     assert sha == teacher.weights_sha256
     saved = load_file(str(tiny_teacher.weights))
     for k, v in saved.items():

@@ -10,12 +10,12 @@ from conftest import TINY_VIT
 from safetensors.torch import load_file, save_file
 
 from attncache import AttncacheError
-from attncache.teachers import build_teacher, parse_teacher_args, read_state_dict, resolve_name
+from attncache.teacher import TeacherOptions, parse_kwargs, read_state_dict, resolve_name
 
 
-def _build(t, weights=None, **kw):
-    return build_teacher(t.name, image_size=t.image_size, weights=weights, pretrained=False,
-                         teacher_args=t.args, **kw)
+def _build(t, weights=None):
+    return TeacherOptions(t.name, weights=str(weights) if weights else None, pretrained=False,
+                          image_size=t.image_size, args=t.args).build()
 
 
 def _same_weights(model, state):
@@ -126,9 +126,9 @@ def test_weights_file_garbage_or_missing(tmp_path, tiny_teacher):
 )
 def test_weights_of_another_architecture_are_refused(tmp_path, tiny_teacher, reg_teacher, other_args):
     if other_args == "reg":
-        other, _ = build_teacher(reg_teacher.name, image_size=28, pretrained=False, teacher_args=reg_teacher.args)
+        other, _ = TeacherOptions(reg_teacher.name, image_size=28, pretrained=False, args=reg_teacher.args).build()
     else:
-        other, _ = build_teacher(TINY_VIT["name"], image_size=32, pretrained=False, teacher_args=other_args)
+        other, _ = TeacherOptions(TINY_VIT["name"], image_size=32, pretrained=False, args=other_args).build()
     path = tmp_path / "other.safetensors"
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
     with pytest.raises(AttncacheError, match=f"--weights {path}: does not"):
@@ -136,22 +136,22 @@ def test_weights_of_another_architecture_are_refused(tmp_path, tiny_teacher, reg
 
 
 def test_geometry_and_errors():
-    _, spec = build_teacher("demo", pretrained=False)
+    _, spec = TeacherOptions("demo", pretrained=False).build()
     assert (spec.image_size, spec.patch_size, spec.depth, spec.num_heads, spec.num_tokens) == (32, 8, 4, 4, 17)
     assert resolve_name("dinov2_vits14_reg") == "vit_small_patch14_reg4_dinov2.lvd142m"
     with pytest.raises(AttncacheError, match="unknown teacher 'no_such_vit'"):
-        build_teacher("no_such_vit", pretrained=False)
+        TeacherOptions("no_such_vit", pretrained=False).build()
     with pytest.raises(AttncacheError, match="not a timm VisionTransformer"):
-        build_teacher("resnet18", pretrained=False)
+        TeacherOptions("resnet18", pretrained=False).build()
     with pytest.raises(AttncacheError, match="image size 30 is not a multiple of its patch size 8"):
-        build_teacher("demo", image_size=30, pretrained=False)
+        TeacherOptions("demo", image_size=30, pretrained=False).build()
     with pytest.raises(AttncacheError, match="image size 30 is not a multiple of its patch size 14"):
-        build_teacher("vit_small_patch14_reg4_dinov2", image_size=30, pretrained=False,
-                      teacher_args=dict(depth=1, embed_dim=32, num_heads=2))
+        TeacherOptions("vit_small_patch14_reg4_dinov2", image_size=30, pretrained=False,
+                       args=dict(depth=1, embed_dim=32, num_heads=2)).build()
 
 
-def test_parse_teacher_args():
-    assert parse_teacher_args(["patch_size=8", "qkv_bias=false", "drop_rate=0.0", "act_layer=gelu"]) == {
+def test_parse_kwargs():
+    assert parse_kwargs(["patch_size=8", "qkv_bias=false", "drop_rate=0.0", "act_layer=gelu"]) == {
         "patch_size": 8, "qkv_bias": False, "drop_rate": 0.0, "act_layer": "gelu"}
     with pytest.raises(AttncacheError, match="KEY=VALUE"):
-        parse_teacher_args(["depth"])
+        parse_kwargs(["depth"])

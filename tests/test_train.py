@@ -11,8 +11,9 @@ from conftest import make_image_folder
 from safetensors.torch import load_file
 
 from attncache.errors import AttncacheError
-from attncache.evaluate import evaluate_run
+from attncache.eval import evaluate_run
 from attncache.extract import extract
+from attncache.teacher import TeacherOptions
 from attncache.train import TrainConfig, train
 
 
@@ -61,8 +62,8 @@ def assert_same_weights(a: Path, b: Path, atol: float = 0.0):
 def test_cache_parity_with_live_teacher(tmp_path, mode, tiny_teacher, image_folder, folder_fp32_zarr, val_fp32):
     common = dict(val_cache=str(val_fp32), val_data=str(image_folder), drop_path=0.1, layers="0-1")
     cached = config(tmp_path, "cached", mode, folder_fp32_zarr, image_folder, **common)
-    live = config(tmp_path, "live", mode, folder_fp32_zarr, image_folder, teacher=tiny_teacher.name,
-                  weights=str(tiny_teacher.weights), teacher_args=tiny_teacher.args, **common)
+    live = config(tmp_path, "live", mode, folder_fp32_zarr, image_folder, teacher=tiny_teacher.options(),
+                  **common)
     r_cached, r_live = train(cached), train(live)
     assert r_cached["steps"] == r_live["steps"] == 6  # 6 images, batch 2, 2 epochs
     a, b = losses(tmp_path / "cached"), losses(tmp_path / "live")
@@ -102,7 +103,7 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, image_folder, fo
 
 def test_other_run_in_out_is_refused(tmp_path, image_folder, folder_fp32_zarr):
     train(config(tmp_path, "run", "distill", folder_fp32_zarr, image_folder, epochs=1))
-    with pytest.raises(AttncacheError, match=r"another training run \(options \['lr'\] differ\)"):
+    with pytest.raises(AttncacheError, match=r"a different training run \(options \['lr'\] differs\)"):
         train(config(tmp_path, "run", "distill", folder_fp32_zarr, image_folder, epochs=1, lr=0.1))
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("mine")
@@ -126,20 +127,20 @@ def test_worker_processes_give_the_same_run(tmp_path, image_folder, folder_fp16_
 
 
 def test_gta_from_logits_cache(tmp_path, tiny_teacher, image_folder, logits_zarr, other_tiny_teacher):
-    r = train(config(tmp_path, "gta", "gta", logits_zarr, image_folder, weights=str(tiny_teacher.weights),
-                     val_data=str(image_folder)))
+    r = train(config(tmp_path, "gta", "gta", logits_zarr, image_folder,
+                     teacher=TeacherOptions(weights=str(tiny_teacher.weights)), val_data=str(image_folder)))
     assert r["layers"] == [0, 1] and r["steps"] == 6
     first = [json.loads(x) for x in (tmp_path / "gta" / "metrics.jsonl").read_text().splitlines()][0]
     # step 1 starts from the teacher's own weights: its [CLS] logits equal the cached ones, penalty ~0
     assert first["transfer"] < 1e-8
     with pytest.raises(AttncacheError, match="not the weights that made the maps"):
-        train(config(tmp_path, "gta2", "gta", logits_zarr, image_folder, weights=str(other_tiny_teacher.weights)))
+        train(config(tmp_path, "gta2", "gta", logits_zarr, image_folder,
+                     teacher=TeacherOptions(weights=str(other_tiny_teacher.weights))))
 
 
 def test_baselines_with_live_views(tmp_path, tiny_teacher, image_folder):
     """scratch / finetune need no cache: views drawn live from --data, the architecture from --teacher."""
-    kw = dict(teacher=tiny_teacher.name, weights=str(tiny_teacher.weights), teacher_args=tiny_teacher.args,
-              image_size=32, val_data=str(image_folder))
+    kw = dict(teacher=tiny_teacher.options(), val_data=str(image_folder))
     scratch = train(config(tmp_path, "scratch", "scratch", None, image_folder, **kw))
     finetune = train(config(tmp_path, "ft", "finetune", None, image_folder, **kw))
     assert scratch["steps"] == finetune["steps"] == 6 and scratch["val_images"] == 6
@@ -152,7 +153,8 @@ def test_baselines_with_live_views(tmp_path, tiny_teacher, image_folder):
 def test_eval_and_ensemble(tmp_path, tiny_teacher, image_folder, folder_fp32_zarr, val_fp32):
     common = dict(val_cache=str(val_fp32), val_data=str(image_folder))
     copy = train(config(tmp_path, "copy", "copy", folder_fp32_zarr, image_folder, **common))
-    train(config(tmp_path, "ft", "finetune", folder_fp32_zarr, image_folder, weights=str(tiny_teacher.weights),
+    train(config(tmp_path, "ft", "finetune", folder_fp32_zarr, image_folder,
+                 teacher=TeacherOptions(weights=str(tiny_teacher.weights)),
                  **common))
     result = evaluate_run(str(tmp_path / "copy"), ensemble_with=str(tmp_path / "ft"))
     assert result["student_top1"] == copy["val_top1"] and result["student_images"] == 6
@@ -183,14 +185,13 @@ def test_bad_inputs(tmp_path, tiny_teacher, reg_teacher, image_folder, folder_fp
             train(config(tmp_path, "bad", mode, cache, data, **kw))
         assert not (tmp_path / "bad" / "checkpoints").exists()
 
-    fails("have different teacher geometry", teacher=reg_teacher.name, weights=str(reg_teacher.weights),
-          image_size=28, teacher_args=reg_teacher.args)
+    fails("have different teacher geometry", teacher=reg_teacher.options())
     one_layer = tmp_path / "layer1"
     extract(tiny_teacher.config(image_folder, one_layer, layers="1", codec="fp32"))
     fails(r"holds layers \[1\], --mode copy needs \[0\]", cache=one_layer)
     fails(r"layer indices must lie in 0..1", mode="distill", layers="0-2")
     fails("copy mode evaluates with the teacher.s maps", val_cache=None)
-    fails("regularises attention logits", mode="gta", weights=str(tiny_teacher.weights))
+    fails("regularises attention logits", mode="gta", teacher=TeacherOptions(weights=str(tiny_teacher.weights)))
     fails("no mixed views", mixup=0.8)
     fails("needs teacher maps: pass --cache", cache=None)
     fails("num_heads 2 vs 4", student=tiny_teacher.name, student_args={**tiny_teacher.args, "num_heads": 2})
@@ -201,13 +202,11 @@ def test_bad_inputs(tmp_path, tiny_teacher, reg_teacher, image_folder, folder_fp
     fails(r"cached image\(s\) not found, e.g. 'bee/b1.png'", data=broken)
     changed = make_image_folder(tmp_path / "changed")
     (changed / "cat" / "c1.png").write_bytes((changed / "cat" / "c0.jpg").read_bytes())
-    with pytest.raises(AttncacheError, match=r"image 'cat/c1.png' .* differs from the one the cache"):
-        train(config(tmp_path, "run_changed", "copy", folder_fp32_zarr, changed, val_cache=str(val_fp32),
-                     val_data=str(image_folder)))
+    fails(r"changed/cat/c1.png: differs from the image --cache .* \(sha256 mismatch\): wrong --data\?", data=changed)
 
 
 def test_cache_keys_cannot_escape_the_data_folder(image_folder):
-    from attncache.data import FolderSource
+    from attncache.sources import FolderSource
 
     source = FolderSource(image_folder)
     for key in ("../secret.png", "/etc/passwd", "ant/../../x.png"):
@@ -225,7 +224,7 @@ def test_gta_from_a_cls_rows_cache(tmp_path, tiny_teacher, image_folder, logits_
     assert rows.read_rows([0, 7]).shape == (2, 2, 4, 1, 17)
     torch.testing.assert_close(rows.read_rows([0, 7]), full.read_rows([0, 7])[:, :, :, :1].half().float())
     assert rows.summary()["shard_bytes"] < full.summary()["shard_bytes"] / 8
-    kw = dict(weights=str(tiny_teacher.weights))
+    kw = dict(teacher=TeacherOptions(weights=str(tiny_teacher.weights)))
     a = train(config(tmp_path, "gta_cls", "gta", cls_cache, image_folder, **kw))
     b = train(config(tmp_path, "gta_full", "gta", logits_zarr, image_folder, **kw))
     assert a["steps"] == b["steps"]

@@ -63,40 +63,40 @@ def test_flip_really_flips_pixels():
     torch.testing.assert_close(flipped, _normalise(pil), rtol=0, atol=1e-6)
 
 
-def test_val_split_is_one_center_crop():
+def test_val_split_is_one_view_independent_of_the_key():
     policy = ViewPolicy(split="val", crop_pct=0.875)
-    views = policy.draw("k", 80, 60)
-    assert views == policy.draw("other key", 80, 60)  # does not depend on the key
-    assert len(views) == 1
+    views = policy.draw("k", 80, 60, 32)
+    assert views == policy.draw("other key", 80, 60, 32)  # does not depend on the key
     (v,) = views
-    side = 60 * 0.875
-    assert v.flip is False
-    assert v.box == pytest.approx(((80 - side) / 2, (60 - side) / 2, (80 + side) / 2, (60 + side) / 2))
-    assert v == center_crop_view(80, 60, 0.875)
+    # timm: shorter side to floor(32 / 0.875) = 36, longer side int(36 * 80 / 60) = 48, centre 32 x 32 crop
+    assert v == View(box=(8.0, 2.0, 40.0, 34.0), flip=False, resize=(48, 36)) == center_crop_view(80, 60, 32, 0.875)
     with pytest.raises(AttncacheError, match="--views"):
         ViewPolicy(split="val", views_per_image=2)
 
 
-def test_val_center_crop_matches_timm_eval_transform():
-    """timm's eval transform (resize shorter side to S/crop_pct, center crop S) on a square image = the val view."""
+@pytest.mark.parametrize("crop_pct", [0.875, 0.9, 0.95, 1.0])
+@pytest.mark.parametrize("size", [(57, 33), (33, 57), (300, 161), (64, 64), (161, 300), (37, 36)])
+@pytest.mark.parametrize("target", [32, 56])
+def test_val_view_is_timms_eval_transform_pixel_for_pixel(crop_pct, size, target):
+    """The val view renders exactly what timm's own eval transform (torchvision Resize of the shorter side to
+    floor(S / crop_pct), CenterCrop S) gives on non-square images: equal tensors, not merely close ones."""
     from timm.data import create_transform
 
-    img = _img((48, 48), seed=2)
-    tf = create_transform(32, is_training=False, crop_pct=1.0, interpolation="bicubic", mean=MEAN, std=STD)
-    view = ViewPolicy(split="val", crop_pct=1.0).draw("x", 48, 48)[0]
-    # timm resizes with torchvision (PIL bicubic) too: same pixels up to PIL's uint8 rounding
-    torch.testing.assert_close(render(img, view, 32, "bicubic", MEAN, STD), tf(img), rtol=0, atol=1e-5)
+    img = _img(size, seed=sum(size))
+    tf = create_transform(target, is_training=False, crop_pct=crop_pct, interpolation="bicubic", mean=MEAN, std=STD)
+    view = ViewPolicy(split="val", crop_pct=crop_pct).draw("x", *size, target)[0]
+    assert torch.equal(render(img, view, target, "bicubic", MEAN, STD), tf(img))
 
 
 def test_train_views_are_a_function_of_seed_and_key_only():
     policy = ViewPolicy(views_per_image=3, seed=11)
     sizes = {"a/1.png": (40, 30), "b/2.png": (64, 64), "c/3.jpg": (31, 77)}
-    forward = {k: policy.draw(k, *wh) for k, wh in sizes.items()}
-    backward = {k: policy.draw(k, *wh) for k, wh in reversed(sizes.items())}
+    forward = {k: policy.draw(k, *wh, 32) for k, wh in sizes.items()}
+    backward = {k: policy.draw(k, *wh, 32) for k, wh in reversed(sizes.items())}
     assert forward == backward
     assert all(len(v) == 3 for v in forward.values())
     assert len({v for vs in forward.values() for v in vs}) == 9  # views differ between images and draws
-    assert ViewPolicy(views_per_image=3, seed=12).draw("a/1.png", 40, 30) != forward["a/1.png"]
+    assert ViewPolicy(views_per_image=3, seed=12).draw("a/1.png", 40, 30, 32) != forward["a/1.png"]
 
 
 def test_train_view_follows_documented_seeding():
@@ -113,7 +113,7 @@ def test_train_view_follows_documented_seeding():
         w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
         top, left = int(rng.integers(0, 48 - h + 1)), int(rng.integers(0, 64 - w + 1))
         flip = rng.uniform() < 0.5
-        assert policy.draw(key, 64, 48) == [View(box=(left, top, left + w, top + h), flip=flip)]
+        assert policy.draw(key, 64, 48, 32) == [View(box=(left, top, left + w, top + h), flip=flip)]
 
 
 def test_views_survive_dataset_reordering(tmp_path, tiny_teacher):
@@ -151,7 +151,7 @@ def test_views_survive_dataset_reordering(tmp_path, tiny_teacher):
 )
 def test_drawn_views_lie_inside_the_image(width, height, lo, span, seed, key):
     policy = ViewPolicy(views_per_image=2, seed=seed, scale=(lo, min(1.0, lo + span)))
-    for v in policy.draw(key, width, height):
+    for v in policy.draw(key, width, height, 32):
         left, top, right, bottom = v.box
         assert 0 <= left < right <= width
         assert 0 <= top < bottom <= height

@@ -1,7 +1,8 @@
-"""Store interface: a writer that writes whole shards (atomically) and a reader that returns records' field arrays.
+"""Store interface: a writer that writes whole shards (atomically) and a reader that returns records' fields.
 
-Both formats store the same thing: per record and codec field, the compressor's encoding of the field's raw
-little-endian bytes. Readers decompress with a size check against the manifest (bounded decompression).
+Both formats store the same thing: per record and codec field, the manifest compressor's encoding of the field's
+raw little-endian bytes. Readers decompress only with that compressor and only after checking the size the frame
+declares against the manifest (bounded decompression: a hostile frame cannot make a reader allocate more).
 """
 
 from __future__ import annotations
@@ -13,23 +14,34 @@ import numpy as np
 
 from ..codecs import FieldSpec
 from ..errors import CacheFormatError
+from .format import metadata_paths, shard_paths
+from .fs import CacheFS
+
+BLOSC_HEADER = 16
+BLOSC_MAX_OVERHEAD = 16  # a blosc1 frame is at most its header longer than the raw bytes
 
 
 class StoreWriter:
     format: str = ""
 
-    def __init__(self, root: Path, fields: dict[str, FieldSpec], compressor: dict, records: int,
+    def __init__(self, root: Path, fields: dict[str, FieldSpec], compressor: dict | None, records: int,
                  records_per_shard: int, embed_images: bool = False):
         self.root, self.fields, self.compressor = Path(root), fields, compressor
         self.records, self.records_per_shard, self.embed_images = records, records_per_shard, embed_images
+        self.codec = numcodecs.get_codec(dict(compressor)) if compressor else None
 
     def shard_paths(self, index: int) -> list[str]:
         """Relative paths of the files that make up shard `index` once written."""
-        raise NotImplementedError
+        return shard_paths(self.format, {k: v.to_json() for k, v in self.fields.items()}, index)
 
     def metadata_paths(self) -> list[str]:
         """Relative paths of format metadata files (zarr.json) written at creation."""
-        return []
+        return metadata_paths(self.format, self.fields)
+
+    def encode(self, array: np.ndarray, spec: FieldSpec) -> bytes:
+        """One record's field as stored: the compressor over its raw little-endian bytes."""
+        raw = np.ascontiguousarray(array, dtype=np.dtype(spec.dtype).newbyteorder("<"))
+        return bytes(self.codec.encode(raw)) if self.codec else raw.tobytes()
 
     def write_shard(self, index: int, arrays: dict[str, np.ndarray], records: list[dict],
                     images: list[tuple[bytes, str]] | None = None) -> None:
@@ -37,40 +49,56 @@ class StoreWriter:
 
 
 class StoreReader:
-    def __init__(self, root: str, manifest: dict):
-        self.root, self.manifest = root.rstrip("/"), manifest
+    def __init__(self, fs: CacheFS, manifest: dict):
+        self.fs, self.manifest = fs, manifest
         self.fields = {name: FieldSpec(tuple(s["shape"]), s["dtype"])
                        for name, s in manifest["codec"]["fields"].items()}
+        self.compressor = manifest["codec"]["compressor"]
         self.records_per_shard = manifest["store"]["records_per_shard"]
+        self.shard_files = {i: {f["path"]: f for f in s["files"]} for i, s in enumerate(manifest["store"]["shards"])}
 
     def read(self, rows: list[int]) -> dict[str, np.ndarray]:
         """{field: (len(rows), *shape)} numpy arrays for the given record rows."""
         raise NotImplementedError
 
+    def read_images(self, rows: list[int]) -> list[bytes]:
+        raise CacheFormatError(f"{self.fs.url}: this store carries no images")
+
+    def max_stored_bytes(self, spec: FieldSpec) -> int:
+        return spec.nbytes + (BLOSC_MAX_OVERHEAD if self.compressor else 0)
+
+    def by_shard(self, rows: list[int]) -> dict[int, list[tuple[int, int]]]:
+        """{shard: [(position in `rows`, row), ...]} in the order given."""
+        out: dict[int, list[tuple[int, int]]] = {}
+        for j, row in enumerate(rows):
+            if not 0 <= row < self.manifest["store"]["records"]:
+                raise IndexError(row)
+            out.setdefault(row // self.records_per_shard, []).append((j, row))
+        return out
+
 
 def blosc_header_sizes(data: bytes, where: str) -> tuple[int, int]:
     """(uncompressed, compressed) sizes from a blosc1 frame's 16-byte header (little-endian uint32 at 4 and 12)."""
-    if len(data) < 16:
+    if len(data) < BLOSC_HEADER:
         raise CacheFormatError(f"{where}: not a blosc buffer ({len(data)} bytes)")
     return int.from_bytes(data[4:8], "little"), int.from_bytes(data[12:16], "little")
 
 
-def decompress_bounded(codec_config: dict, data: bytes, spec: FieldSpec, where: str) -> np.ndarray:
+def decompress_bounded(codec_config: dict | None, data: bytes, spec: FieldSpec, where: str) -> np.ndarray:
     """Decode one record's field, refusing anything whose declared size differs from the manifest's."""
     if codec_config is None:
         if len(data) != spec.nbytes:
             raise CacheFormatError(f"{where}: {len(data)} bytes, expected {spec.nbytes}")
         raw = data
-    elif codec_config.get("id") == "blosc":
+    else:  # the schema admits blosc only
         nbytes, cbytes = blosc_header_sizes(data, where)
         if nbytes != spec.nbytes or cbytes != len(data):
-            raise CacheFormatError(f"{where}: blosc header declares {nbytes} bytes, expected {spec.nbytes}")
+            raise CacheFormatError(f"{where}: blosc header declares {nbytes} bytes in {cbytes}, expected "
+                                   f"{spec.nbytes} in {len(data)}")
         out = np.empty(spec.nbytes, dtype=np.uint8)
         try:
             numcodecs.blosc.decompress(data, out)
         except Exception as exc:  # noqa: BLE001
             raise CacheFormatError(f"{where}: corrupt blosc data ({exc})") from exc
         raw = out
-    else:
-        raise CacheFormatError(f"{where}: compressor {codec_config.get('id')!r} not supported")
     return np.frombuffer(raw, dtype=np.dtype(spec.dtype).newbyteorder("<")).reshape(spec.shape)

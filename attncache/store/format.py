@@ -1,23 +1,26 @@
-"""The cache format, defined once: file layout, manifest schema and validation, integrity helpers.
+"""The cache format, defined once: file layout, row arithmetic, the manifest's schema and every rule it must obey.
 
-docs/format.md is the human-readable spec of what this module writes and accepts. A cache from another lab is
-untrusted input: the manifest is validated (types, bounds, relative paths without escapes) before any shard is read.
+docs/format.md is the human-readable spec of what this module writes and accepts; `manifest.schema.json` beside it
+is the machine-readable part (types and ranges of every field). A cache from another lab is untrusted input: its
+manifest is parsed strictly (no duplicate keys, no NaN), checked against the schema, then against the cross-field
+rules below, before any shard is read. Every violation is a CacheFormatError naming the field.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
-import os
-import re
-import tempfile
-from pathlib import Path
+from importlib import resources
 
-from ..errors import CacheFormatError
+from ..codecs import get_codec
+from ..errors import AttncacheError, CacheFormatError
+from ..files import StrictJSONError, loads_strict
 
 FORMAT_NAME = "attncache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 adds the optional view field `resize` (timm's eval transform); version 1 is read as well
+READABLE_VERSIONS = (1, 2)
 
 MANIFEST = "manifest.json"
 SAMPLES = "samples.jsonl"  # one JSON object per image, in sample-index order
@@ -26,13 +29,11 @@ PROGRESS_DIR = ".progress"  # resume state of an unfinished extraction; never pa
 PLAN = f"{PROGRESS_DIR}/plan.json"
 
 STORE_FORMATS = ("zarr", "wds")
+WDS_SHARD_DIR = "shards"
 
-# Bounds on what a manifest may declare: a hostile manifest must not make us allocate or decompress without limit.
-MAX_TOKENS = 8192
-MAX_LAYERS = 256
-MAX_HEADS = 256
-MAX_RECORD_BYTES = 2**33  # 8 GiB per record field
-_SAFE_PATH = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_KEY_CHARS = 1024
+MAX_IMAGE_SIDE = 1 << 20
 
 
 def row_of(sample_index: int, view: int, num_samples: int) -> int:
@@ -45,64 +46,24 @@ def sample_and_view(row: int, num_samples: int) -> tuple[int, int]:
     return sample_index, view
 
 
-def safe_relpath(path: str, where: str = "manifest") -> str:
-    """A relative path inside the cache: no absolute paths, no '..', no odd characters."""
-    if not isinstance(path, str) or not _SAFE_PATH.match(path) or any(p in ("..", ".") for p in path.split("/")):
-        raise CacheFormatError(f"{where}: unsafe file path {path!r}")
-    return path
+def wds_shard_name(index: int) -> str:
+    return f"{WDS_SHARD_DIR}/shard-{index:06d}.tar"
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def zarr_shard_name(field: str, index: int, ndim: int) -> str:
+    """Zarr v3 default chunk key of shard `index` along the record axis of a field with `ndim` record dims."""
+    return f"{field}/c/{index}" + "/0" * ndim
 
 
-def file_entry(root: Path, relpath: str) -> dict:
-    path = root / relpath
-    return {"path": relpath, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+def shard_paths(manifest_store: str, fields: dict, index: int) -> list[str]:
+    """The files that make up shard `index` (what the manifest must list, and nothing else)."""
+    if manifest_store == "wds":
+        return [wds_shard_name(index)]
+    return [zarr_shard_name(name, index, len(spec["shape"])) for name, spec in fields.items()]
 
 
-def file_intact(root: Path, entry: dict) -> bool:
-    """Does the file still have the size and sha256 recorded in `entry` ({path, bytes, sha256})?"""
-    path = root / entry["path"]
-    return path.is_file() and path.stat().st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def canonical_json(obj) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-
-
-def atomic_write_json(path: Path, obj, indent: int | None = 2) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=indent, sort_keys=False) + "\n").encode())
-
-
-def write_jsonl(path: Path, rows) -> None:
-    atomic_write_bytes(path, b"".join(canonical_json(r) + b"\n" for r in rows))
-
-
-def read_jsonl(data: bytes, where: str) -> list[dict]:
-    try:
-        return [json.loads(line) for line in data.splitlines() if line.strip()]
-    except json.JSONDecodeError as exc:
-        raise CacheFormatError(f"{where}: invalid JSON line ({exc})") from exc
+def metadata_paths(manifest_store: str, fields: dict) -> list[str]:
+    return ["zarr.json"] + [f"{name}/zarr.json" for name in fields] if manifest_store == "zarr" else []
 
 
 def dataset_fingerprint(samples: list[dict]) -> str:
@@ -117,85 +78,210 @@ def dataset_fingerprint(samples: list[dict]) -> str:
 # Manifest validation
 
 
+@functools.cache
+def manifest_schema() -> dict:
+    return json.loads(resources.files(__package__).joinpath("manifest.schema.json").read_text())
+
+
+@functools.cache
+def _validator():
+    import jsonschema
+
+    base = jsonschema.Draft202012Validator
+    # JSON Schema's "integer" admits 1.0; a field we index or allocate with must be a real integer.
+    checker = base.TYPE_CHECKER.redefine(
+        "integer", lambda _, v: isinstance(v, int) and not isinstance(v, bool))
+    return jsonschema.validators.extend(base, type_checker=checker)(manifest_schema())
+
+
+def parse_manifest(data: bytes) -> dict:
+    """Strictly parse and fully validate a manifest's bytes."""
+    try:
+        manifest = loads_strict(data)
+    except StrictJSONError as exc:
+        raise CacheFormatError(f"manifest: {exc}") from exc
+    return validate_manifest(manifest)
+
+
 def _require(cond: bool, msg: str) -> None:
     if not cond:
         raise CacheFormatError(f"manifest: {msg}")
 
 
-def _int_in(d: dict, key: str, lo: int, hi: int, where: str) -> int:
-    v = d.get(key)
-    _require(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi,
-             f"{where}.{key} must be an integer in [{lo}, {hi}], got {v!r}")
-    return v
+def _schema_errors(m) -> None:
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(_validator().iter_errors(m))
+    if error is not None:
+        where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+        message = " ".join(error.message.split())
+        raise CacheFormatError(f"manifest: {where}: {message[:200]}{'...' if len(message) > 200 else ''}")
 
 
 def validate_manifest(m: dict) -> dict:
-    """Check structure, types and bounds of a manifest; returns it unchanged.
-
-    Raises CacheFormatError naming the field at fault.
-    """
+    """Check a parsed manifest against the schema and the cross-field rules; returns it unchanged."""
     _require(isinstance(m, dict), "not a JSON object")
     _require(m.get("format") == FORMAT_NAME, f"format must be {FORMAT_NAME!r}, got {m.get('format')!r}")
-    _require(m.get("version") == FORMAT_VERSION,
-             f"version {m.get('version')!r} is not supported (this attncache reads version {FORMAT_VERSION})")
-    for section in ("teacher", "capture", "codec", "views", "dataset", "store", "files"):
-        _require(isinstance(m.get(section), dict), f"missing section {section!r}")
-    t = m["teacher"]
-    _require(isinstance(t.get("model"), str), "teacher.model must be a string")
-    depth = _int_in(t, "depth", 1, MAX_LAYERS, "teacher")
-    _int_in(t, "num_heads", 1, MAX_HEADS, "teacher")
-    _int_in(t, "num_tokens", 2, MAX_TOKENS, "teacher")
-    _int_in(t, "image_size", 1, 65536, "teacher")
-    c = m["capture"]
-    layers = c.get("layers")
-    _require(isinstance(layers, list) and layers and all(isinstance(i, int) and 0 <= i < depth for i in layers)
-             and layers == sorted(set(layers)), f"capture.layers must be sorted distinct indices < {depth}")
-    _require(c.get("payload") in ("probs", "logits", "qk"), f"capture.payload {c.get('payload')!r} unknown")
-    shape = c.get("map_shape")
-    _require(shape == [len(layers), t["num_heads"], t["num_tokens"], t["num_tokens"]],
-             "capture.map_shape must be [len(layers), num_heads, num_tokens, num_tokens]")
-    codec = m["codec"]
-    _require(isinstance(codec.get("name"), str) and isinstance(codec.get("fields"), dict) and codec["fields"],
-             "codec.name and codec.fields are required")
-    for name, spec in codec["fields"].items():
-        _require(re.fullmatch(r"[a-z][a-z0-9_]*", name) is not None, f"codec field name {name!r} invalid")
-        fshape, dtype = spec.get("shape"), spec.get("dtype")
-        _require(dtype in ("float16", "float32", "bfloat16", "int8", "uint8", "int16", "uint16"),
-                 f"codec.fields.{name}.dtype {dtype!r} not allowed")
-        _require(isinstance(fshape, list) and all(isinstance(s, int) and s > 0 for s in fshape),
-                 f"codec.fields.{name}.shape invalid")
-        _require(math.prod(fshape) * 4 <= MAX_RECORD_BYTES, f"codec.fields.{name} too large")
-    comp = codec.get("compressor")
-    _require(isinstance(comp, dict) and comp.get("id") in ("blosc", "zstd", None) or comp is None,
-             f"codec.compressor {comp!r}: only blosc or zstd are accepted")
-    d = m["dataset"]
-    n = _int_in(d, "num_samples", 1, 2**40, "dataset")
-    v = m["views"]
-    k = _int_in(v, "views_per_image", 1, 1 << 16, "views")
-    s = m["store"]
-    _require(s.get("format") in STORE_FORMATS, f"store.format {s.get('format')!r} unknown")
-    records = _int_in(s, "records", 1, 2**48, "store")
-    _require(records == n * k, f"store.records {records} != num_samples {n} x views_per_image {k}")
-    per_shard = _int_in(s, "records_per_shard", 1, 2**32, "store")
-    shards = s.get("shards")
-    _require(isinstance(shards, list) and len(shards) == math.ceil(records / per_shard),
-             "store.shards must list every shard")
-    for i, shard in enumerate(shards):
-        _require(shard.get("index") == i and shard.get("first_record") == i * per_shard
-                 and shard.get("records") == min(per_shard, records - i * per_shard),
-                 f"store.shards[{i}] index/first_record/records inconsistent")
-        _check_files(shard.get("files"), f"store.shards[{i}].files")
+    _require(m.get("version") in READABLE_VERSIONS,
+             f"version {m.get('version')!r} is not supported (this attncache reads versions "
+             f"{', '.join(map(str, READABLE_VERSIONS))})")
+    _schema_errors(m)
+    _check_teacher(m["teacher"])
+    _check_capture(m)
+    _check_codec(m)
+    n, k = m["dataset"]["num_samples"], m["views"]["views_per_image"]
+    _require(m["views"]["split"] == "train" or k == 1, "views: a val split has one view per image")
+    _require(m["views"]["scale"][0] <= m["views"]["scale"][1] and m["views"]["ratio"][0] <= m["views"]["ratio"][1],
+             "views.scale and views.ratio must be [min, max]")
+    _check_store(m["store"], m["codec"]["fields"], n * k)
     for name in (SAMPLES, VIEWS):
-        _check_files([m["files"].get(name)], f"files.{name}")
         _require(m["files"][name]["path"] == name, f"files.{name}.path must be {name!r}")
     return m
 
 
-def _check_files(files, where: str) -> None:
-    _require(isinstance(files, list) and files, f"{where} must be a non-empty list")
-    for f in files:
-        _require(isinstance(f, dict), f"{where}: entries must be objects")
-        safe_relpath(f.get("path"), where)
-        _require(isinstance(f.get("bytes"), int) and f["bytes"] >= 0, f"{where}: bytes invalid")
-        _require(isinstance(f.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", f["sha256"]) is not None,
-                 f"{where}: sha256 invalid")
+def _check_teacher(t: dict) -> None:
+    _require(t["image_size"] % t["patch_size"] == 0, "teacher.image_size must be a multiple of teacher.patch_size")
+    grid = t["image_size"] // t["patch_size"]
+    _require(t["num_tokens"] == t["num_prefix_tokens"] + grid * grid,
+             "teacher.num_tokens must be num_prefix_tokens + (image_size / patch_size)^2")
+    _require(t["embed_dim"] % t["num_heads"] == 0, "teacher.embed_dim must be a multiple of teacher.num_heads")
+    # model_args rebuild the architecture: they must not contradict the recorded geometry
+    for arg in ("embed_dim", "depth", "num_heads", "patch_size"):
+        if arg in t["model_args"]:
+            _require(t["model_args"][arg] == t[arg], f"teacher.model_args.{arg} contradicts teacher.{arg}")
+    _require("img_size" not in t["model_args"], "teacher.model_args.img_size: the image size is teacher.image_size")
+
+
+def _check_capture(m: dict) -> None:
+    t, c = m["teacher"], m["capture"]
+    layers = c["layers"]
+    _require(layers == sorted(set(layers)) and layers[-1] < t["depth"],
+             f"capture.layers must be sorted distinct indices < teacher.depth {t['depth']}")
+    _require(c["map_shape"] == [len(layers), t["num_heads"], t["num_tokens"], t["num_tokens"]],
+             "capture.map_shape must be [len(layers), num_heads, num_tokens, num_tokens]")
+
+
+def _check_codec(m: dict) -> None:
+    """The fields and compressor must be exactly what the named codec and parameters write for this teacher's
+    geometry, and its payload one the codec encodes: a reader never trusts a shape or dtype the codec would not
+    have written, nor a parameter the bytes were not made with."""
+    c, codec_json = m["capture"], m["codec"]
+    try:
+        codec = get_codec(codec_json["name"], **codec_json["params"])
+        expected = codec.fields(_capture_shape(m))
+    except AttncacheError as exc:
+        raise CacheFormatError(f"manifest: codec: {exc}") from exc
+    _require(codec.params == codec_json["params"],
+             f"codec.params {codec_json['params']} are not codec {codec.name!r}'s canonical parameters")
+    _require(c["payload"] in codec.payloads, f"codec {codec.name!r} cannot hold payload {c['payload']!r}")
+    _require(codec_json["fields"] == {k: v.to_json() for k, v in expected.items()},
+             f"codec.fields do not match codec {codec.name!r} with params {codec.params}")
+    _require(codec_json["compressor"] == codec.compressor(),
+             f"codec.compressor does not match codec {codec.name!r}")
+
+
+def _capture_shape(m: dict):
+    from ..codecs import CaptureShape
+
+    t = m["teacher"]
+    return CaptureShape(len(m["capture"]["layers"]), t["num_heads"], t["num_tokens"], t["embed_dim"] // t["num_heads"])
+
+
+def _check_store(s: dict, fields: dict, records: int) -> None:
+    _require(s["records"] == records, f"store.records {s['records']} != num_samples x views_per_image ({records})")
+    per_shard = s["records_per_shard"]
+    _require(per_shard <= records, "store.records_per_shard exceeds store.records")
+    _require(len(s["shards"]) == math.ceil(records / per_shard), "store.shards must list every shard")
+    _require(s["format"] == "wds" or not s["embed_images"], "store.embed_images needs store.format wds")
+    for i, shard in enumerate(s["shards"]):
+        _require(shard["index"] == i and shard["first_record"] == i * per_shard
+                 and shard["records"] == min(per_shard, records - i * per_shard),
+                 f"store.shards[{i}] index/first_record/records inconsistent")
+        _require([f["path"] for f in shard["files"]] == shard_paths(s["format"], fields, i),
+                 f"store.shards[{i}].files must be {shard_paths(s['format'], fields, i)}")
+    _require(sorted(f["path"] for f in s["metadata_files"]) == sorted(metadata_paths(s["format"], fields)),
+             f"store.metadata_files must be {metadata_paths(s['format'], fields)}")
+
+
+def named_files(m: dict) -> list[dict]:
+    """Every file entry ({path, bytes, sha256}) of a validated manifest: shards, metadata, index files."""
+    s = m["store"]
+    return [f for shard in s["shards"] for f in shard["files"]] + s["metadata_files"] + list(m["files"].values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# samples.jsonl and views.jsonl
+
+
+def parse_jsonl(data: bytes, where: str) -> list:
+    out = []
+    for i, line in enumerate(data.split(b"\n")):
+        if not line and i == data.count(b"\n"):
+            continue  # the final newline
+        try:
+            out.append(loads_strict(line))
+        except StrictJSONError as exc:
+            raise CacheFormatError(f"{where}: line {i + 1}: {exc}") from exc
+    return out
+
+
+def check_samples(samples: list, manifest: dict, where: str = SAMPLES) -> list[dict]:
+    n, classes = manifest["dataset"]["num_samples"], manifest["dataset"]["classes"]
+    if len(samples) != n:
+        raise CacheFormatError(f"{where}: {len(samples)} lines, manifest says {n}")
+    keys = set()
+    for i, s in enumerate(samples):
+        bad = _sample_problem(s, classes)
+        if bad:
+            raise CacheFormatError(f"{where}: line {i + 1}: {bad}")
+        if s["key"] in keys:
+            raise CacheFormatError(f"{where}: line {i + 1}: duplicate key {s['key']!r}")
+        keys.add(s["key"])
+    if dataset_fingerprint(samples) != manifest["dataset"]["fingerprint"]:
+        raise CacheFormatError(f"{where}: does not match dataset.fingerprint")
+    return samples
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _sample_problem(s, classes: list) -> str | None:
+    if not isinstance(s, dict) or set(s) != {"key", "label", "sha256", "width", "height"}:
+        return "expected the fields key, label, sha256, width, height"
+    if not isinstance(s["key"], str) or not 0 < len(s["key"]) <= MAX_KEY_CHARS:
+        return "key must be a non-empty string"
+    if not _is_int(s["label"]) or not -1 <= s["label"] < max(len(classes), 1 << 31):
+        return f"label {s['label']!r} invalid"
+    if classes and s["label"] >= len(classes):
+        return f"label {s['label']} outside the {len(classes)} classes"
+    if not isinstance(s["sha256"], str) or len(s["sha256"]) != 64 or s["sha256"].strip("0123456789abcdef"):
+        return "sha256 invalid"
+    if not all(_is_int(s[d]) and 1 <= s[d] <= MAX_IMAGE_SIDE for d in ("width", "height")):
+        return "width/height invalid"
+    return None
+
+
+def check_views(views: list, samples: list[dict], manifest: dict, where: str = VIEWS) -> list[dict]:
+    from ..views import View
+
+    n, records = manifest["dataset"]["num_samples"], manifest["store"]["records"]
+    if len(views) != records:
+        raise CacheFormatError(f"{where}: {len(views)} lines, manifest says {records} records")
+    for row, v in enumerate(views):
+        sample_index, view_index = sample_and_view(row, n)
+        if not isinstance(v, dict) or v.get("sample") != sample_index or v.get("view") != view_index:
+            raise CacheFormatError(f"{where}: line {row + 1}: expected sample {sample_index}, view {view_index}")
+        try:
+            view = View.from_json({k: x for k, x in v.items() if k not in ("sample", "view")})
+        except AttncacheError as exc:
+            raise CacheFormatError(f"{where}: line {row + 1}: {exc}") from exc
+        if view.resize is not None and manifest["version"] < 2:
+            raise CacheFormatError(f"{where}: line {row + 1}: `resize` needs format version 2")
+        s = samples[sample_index]
+        width, height = view.resize or (s["width"], s["height"])
+        left, top, right, bottom = view.box
+        if left < 0 or top < 0 or right > width or bottom > height:
+            raise CacheFormatError(f"{where}: line {row + 1}: box {list(view.box)} outside the {width}x{height} "
+                                   "image")
+    return views

@@ -5,6 +5,10 @@ Per record `RRRRRRRRRR` (its row number, zero-padded to 10 digits):
   RRRRRRRRRR.<field>   the codec field's compressed bytes (e.g. `.maps`)
   RRRRRRRRRR.<ext>     the original image bytes, with --embed-images
 Tar headers are fixed (mtime 0, uid/gid 0, mode 0644) so re-extraction reproduces shards byte for byte.
+
+The reader indexes a shard's members once (name -> offset and size, from the tar headers) and then reads records
+by byte range: random access for the trainer's shuffles, without extracting anything to disk. Only regular-file
+members count, and a shard naming a member twice is refused (which copy would a reader use?).
 """
 
 from __future__ import annotations
@@ -13,21 +17,13 @@ import io
 import json
 import tarfile
 
-import fsspec
-import numcodecs
-import numpy as np
-
 from ..errors import CacheFormatError
+from ..files import atomic_write_bytes
 from .base import StoreReader, StoreWriter, decompress_bounded
-from .format import atomic_write_bytes
+from .format import wds_shard_name
 
-SHARD_DIR = "shards"
 MAX_META_BYTES = 1 << 20
 MAX_IMAGE_BYTES = 256 << 20
-
-
-def shard_name(index: int) -> str:
-    return f"{SHARD_DIR}/shard-{index:06d}.tar"
 
 
 def record_id(row: int) -> str:
@@ -44,13 +40,6 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 class WdsWriter(StoreWriter):
     format = "wds"
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.codec = numcodecs.get_codec(dict(self.compressor)) if self.compressor else None
-
-    def shard_paths(self, index):
-        return [shard_name(index)]
-
     def write_shard(self, index, arrays, records, images=None):
         buf = io.BytesIO()
         first = index * self.records_per_shard
@@ -59,76 +48,71 @@ class WdsWriter(StoreWriter):
                 rid = record_id(first + j)
                 _add(tar, f"{rid}.json", json.dumps(meta, sort_keys=True).encode())
                 for name, spec in self.fields.items():
-                    raw = np.ascontiguousarray(arrays[name][j], dtype=np.dtype(spec.dtype).newbyteorder("<"))
-                    _add(tar, f"{rid}.{name}", bytes(self.codec.encode(raw)) if self.codec else raw.tobytes())
+                    _add(tar, f"{rid}.{name}", self.encode(arrays[name][j], spec))
                 if images is not None:
                     data, ext = images[j]
                     _add(tar, f"{rid}.{ext}", data)
-        atomic_write_bytes(self.root / shard_name(index), buf.getvalue())
+        atomic_write_bytes(self.root / wds_shard_name(index), buf.getvalue())
 
 
 class WdsReader(StoreReader):
-    """Random access into tar shards through a member-offset index (never extracts anything to disk)."""
+    def __init__(self, fs, manifest):
+        super().__init__(fs, manifest)
+        self._index: dict[int, dict[str, dict[str, tuple[int, int]]]] = {}
 
-    def __init__(self, root, manifest):
-        super().__init__(root, manifest)
-        self.compressor = manifest["codec"].get("compressor")
-        self._index: dict[int, dict[str, tuple[int, int]]] = {}
-
-    def _shard_index(self, shard: int) -> dict[str, tuple[int, int]]:
+    def _shard_index(self, shard: int) -> dict[str, dict[str, tuple[int, int]]]:
+        """{record id: {suffix: (offset, size)}} of a shard's regular-file members."""
         if shard not in self._index:
-            members = {}
-            with fsspec.open(f"{self.root}/{shard_name(shard)}", "rb") as f:
+            rel = wds_shard_name(shard)
+            members: dict[str, dict[str, tuple[int, int]]] = {}
+            with self.fs.open(rel) as f:
                 try:
                     with tarfile.open(fileobj=f, mode="r:") as tar:
                         for m in tar:
-                            if m.isfile():
-                                members[m.name] = (m.offset_data, m.size)
+                            rid, dot, suffix = m.name.partition(".")
+                            if not dot or not m.isfile():
+                                continue
+                            if suffix in members.setdefault(rid, {}):
+                                raise CacheFormatError(f"{self.fs.where(rel)}: member {m.name} appears twice")
+                            members[rid][suffix] = (m.offset_data, m.size)
                 except tarfile.TarError as exc:
-                    raise CacheFormatError(f"{shard_name(shard)}: not a valid tar ({exc})") from exc
+                    raise CacheFormatError(f"{self.fs.where(rel)}: not a valid tar ({exc})") from exc
             self._index[shard] = members
         return self._index[shard]
 
-    def _member(self, f, shard: int, name: str, limit: int) -> bytes:
-        entry = self._shard_index(shard).get(name)
+    def _member(self, row: int, suffix: str | None, limit: int) -> bytes:
+        """A record's member (suffix None: its embedded image, whatever its extension), bounded by `limit`."""
+        shard = row // self.records_per_shard
+        rel, rid = wds_shard_name(shard), record_id(row)
+        members = self._shard_index(shard).get(rid, {})
+        if suffix is None:
+            known = {"json", *self.fields}
+            suffix = next((s for s in members if s not in known), None)
+            if suffix is None:
+                raise CacheFormatError(f"{self.fs.where(rel)}: record {rid} has no embedded image")
+        entry = members.get(suffix)
         if entry is None:
-            raise CacheFormatError(f"{shard_name(shard)}: member {name} missing")
+            raise CacheFormatError(f"{self.fs.where(rel)}: member {rid}.{suffix} missing")
         offset, size = entry
         if size > limit:
-            raise CacheFormatError(f"{shard_name(shard)}: member {name} is {size} bytes, limit {limit}")
-        f.seek(offset)
-        return f.read(size)
+            raise CacheFormatError(f"{self.fs.where(rel)}: member {rid}.{suffix} is {size} bytes, limit {limit}")
+        return self.fs.read_range(rel, offset, offset + size)
 
     def read(self, rows):
+        import numpy as np
+
         out = {name: np.empty((len(rows), *spec.shape), spec.dtype) for name, spec in self.fields.items()}
-        by_shard: dict[int, list[tuple[int, int]]] = {}
-        for j, row in enumerate(rows):
-            by_shard.setdefault(row // self.records_per_shard, []).append((j, row))
-        for shard, items in by_shard.items():
-            with fsspec.open(f"{self.root}/{shard_name(shard)}", "rb") as f:
-                for j, row in items:
-                    for name, spec in self.fields.items():
-                        where = f"{shard_name(shard)}:{record_id(row)}.{name}"
-                        data = self._member(f, shard, f"{record_id(row)}.{name}", spec.nbytes + 1024)
-                        out[name][j] = decompress_bounded(self.compressor, data, spec, where)
+        for _, items in self.by_shard([int(r) for r in rows]).items():
+            for j, row in items:
+                for name, spec in self.fields.items():
+                    data = self._member(row, name, self.max_stored_bytes(spec))
+                    where = f"{self.fs.where(wds_shard_name(row // self.records_per_shard))}:{record_id(row)}.{name}"
+                    out[name][j] = decompress_bounded(self.compressor, data, spec, where)
         return out
 
     def read_meta(self, row: int) -> dict:
-        shard = row // self.records_per_shard
-        with fsspec.open(f"{self.root}/{shard_name(shard)}", "rb") as f:
-            data = self._member(f, shard, f"{record_id(row)}.json", MAX_META_BYTES)
-        return json.loads(data)
+        return json.loads(self._member(row, "json", MAX_META_BYTES))
 
-    def read_images(self, rows: list[int]) -> list[bytes]:
+    def read_images(self, rows):
         """The embedded image bytes of each row (caches extracted with --embed-images)."""
-        out: list[bytes] = []
-        for row in rows:
-            shard = row // self.records_per_shard
-            prefix = f"{record_id(row)}."
-            fields = {f"{prefix}{name}" for name in (*self.fields, "json")}
-            name = next((m for m in self._shard_index(shard) if m.startswith(prefix) and m not in fields), None)
-            if name is None:
-                raise CacheFormatError(f"{shard_name(shard)}: record {record_id(row)} has no embedded image")
-            with fsspec.open(f"{self.root}/{shard_name(shard)}", "rb") as f:
-                out.append(self._member(f, shard, name, MAX_IMAGE_BYTES))
-        return out
+        return [self._member(int(row), None, MAX_IMAGE_BYTES) for row in rows]

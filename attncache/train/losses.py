@@ -1,22 +1,13 @@
-"""Losses of the transfer modes, written as the formulas in docs/training.md (and FACTS.md) state them.
+"""The transfer losses, written as the formulas in docs/training.md state them (sources in docs/method.md).
 
-Teacher targets per mode, from cached or live maps of the transferred layers (B, L, H, Q, N):
-- copy / distill: probabilities (decoded logits go through softmax; decoded probabilities are used as is);
-- gta: the [CLS]-query row of the logits (probabilities cannot give logits back: refused earlier).
+Teacher targets per transferred layer l, (B, L, H, Q, N): probabilities for copy and distill, [CLS]-query logit rows
+for gta. Student logits are timm's explicit `(q * scale) @ kᵀ` of the same layer.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-
-def teacher_targets(maps: torch.Tensor, kind: str, mode: str) -> torch.Tensor:
-    """(B, L, H, Q, N) maps of `kind` ("probs" or "logits") -> what `mode` consumes: probabilities, or [CLS]
-    logit rows for gta."""
-    if mode == "gta":
-        return maps[:, :, :, :1, :].float()
-    return maps.float().softmax(dim=-1) if kind == "logits" else maps.float()
 
 
 def distill_loss(teacher_probs: torch.Tensor, student_logits: list[torch.Tensor]) -> torch.Tensor:

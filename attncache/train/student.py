@@ -1,14 +1,13 @@
-"""Students: a timm ViT of the teacher's own architecture, with attention injection in the transferred layers.
+"""Students: a timm ViT of the teacher's own architecture, built with timm's `attn_layer=` hook so that every block's
+attention is a `TransferAttention`: timm's `Attention` (same parameters, same state-dict keys: a student checkpoint
+loads into a plain timm model) plus a forward that can take the teacher's map or record the student's own logits.
+What a forward does is set per call by `student_forward` (the EMA copy works the same way); with nothing set, a
+block runs timm's own forward, fused attention included.
 
-Each transferred block's `Attention` becomes a `TransferAttention` (same class plus a forward that takes the
-teacher's map or records the student's own). The class is swapped in place, so state-dict keys stay timm's and a
-student checkpoint loads into a plain timm model. What a forward should do is set per call by `student_forward`,
-which works for any model carrying these modules (the EMA copy included).
-
-- copy:     out = attn_drop(softmax(teacher_logits)) @ v, the student's own V; q and k are not computed, so the
-            layer's q/k weights get no gradient from it (the reference code's behaviour).
-- distill:  the student's own attention runs (timm's explicit formula) and its logits are recorded.
-- gta:      as distill, recording only the [CLS]-query row of the logits.
+- "inject" (copy):  out = attn_drop(P) @ v with P the teacher's map and v the student's own V; q and k are not
+                    computed, so the layer's q/k weights get no gradient from it (the reference code's behaviour).
+- "record" (distill): the student's own attention (timm's explicit formula), its logits kept for the loss.
+- "record_cls" (gta): the same, keeping only the [CLS]-query row.
 """
 
 from __future__ import annotations
@@ -18,15 +17,21 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import Attention
+from timm.layers import Attention
 from torch import nn
 
-from .errors import AttncacheError
-from .teachers import TeacherSpec, geometry, geometry_differences, load_state, read_state_dict, state_dict_sha256
-
-MODES = ("copy", "distill", "gta", "scratch", "finetune")
-MAP_MODES = ("copy", "distill", "gta")  # modes that consume teacher maps
-PRETRAINED_MODES = ("gta", "finetune")  # modes that start from the teacher's weights
+from ..errors import AttncacheError
+from ..teacher import (
+    TeacherSpec,
+    check_standard_vit,
+    geometry,
+    geometry_differences,
+    load_state,
+    read_state_dict,
+    state_dict_sha256,
+)
+from ..teacher.hub import require_hub
+from .modes import Mode
 
 
 class TransferAttention(Attention):
@@ -62,34 +67,24 @@ class TransferAttention(Attention):
         return self.proj_drop(self.proj(x))
 
 
-def enable_transfer(model: nn.Module, layers: Sequence[int]) -> None:
-    """Swap the attention class of the given blocks to TransferAttention (parameters and keys unchanged)."""
-    for layer in layers:
-        attn = model.blocks[layer].attn
-        if type(attn) is not Attention and not isinstance(attn, TransferAttention):
-            raise AttncacheError(f"student block {layer}: attention {type(attn).__name__} is not timm's Attention; "
-                                 "attention transfer supports standard ViT attention only")
-        attn.__class__ = TransferAttention
-
-
-def student_forward(model: nn.Module, images: torch.Tensor, layers: Sequence[int], mode: str,
+def student_forward(model: nn.Module, images: torch.Tensor, layers: Sequence[int], attention: str | None,
                     teacher_probs: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Class logits, and (distill/gta) the student's own attention logits per transferred layer.
+    """Class logits, and (record/record_cls) the student's own attention logits per transferred layer.
 
-    `teacher_probs` (B, L, H, N, N) are consumed in copy mode; in distill mode the recorded tensors are full
-    (B, H, N, N) logits, in gta mode [CLS] rows (B, H, 1, N).
+    `teacher_probs` (B, L, H, N, N) are consumed by "inject"; "record" keeps full (B, H, N, N) logits,
+    "record_cls" [CLS] rows (B, H, 1, N); None runs the plain model.
     """
-    attns = [model.blocks[layer].attn for layer in layers]
+    attns = [model.blocks[layer].attn for layer in layers] if attention else []
     try:
         for i, attn in enumerate(attns):
-            if mode == "copy":
+            if attention == "inject":
                 if teacher_probs is None:
                     raise AttncacheError("copy mode needs the teacher's maps for every forward (train and eval)")
                 attn.transfer_probs = teacher_probs[:, i]
-            elif mode in ("distill", "gta"):
-                attn.record = "cls" if mode == "gta" else "logits"
+            else:
+                attn.record = "cls" if attention == "record_cls" else "logits"
         out = model(images)
-        recorded = [attn.recorded for attn in attns] if mode in ("distill", "gta") else []
+        recorded = [attn.recorded for attn in attns] if attention in ("record", "record_cls") else []
     finally:
         for attn in attns:
             attn.transfer_probs, attn.record, attn.recorded = None, None, None
@@ -122,24 +117,26 @@ def student_spec(teacher: TeacherSpec, num_classes: int, name: str | None = None
 
 
 def create_student(spec: StudentSpec, seed: int = 0) -> nn.Module:
+    """The student, randomly initialised from `seed` alone (not from what ran before)."""
     import timm
 
     if not timm.is_model(spec.model.split(".")[0]):
         raise AttncacheError(f"--student {spec.model!r}: not a timm model name")
+    kwargs = dict(pretrained=False, num_classes=spec.num_classes, img_size=spec.image_size,
+                  drop_path_rate=spec.drop_path, **spec.model_args)
     try:
+        with torch.device("meta"):  # the architecture as timm builds it, checked before anything is allocated
+            check_standard_vit(timm.create_model(spec.model, **kwargs), f"--student {spec.model!r}")
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # the initial weights depend on the seed only, not on what ran before
-            return timm.create_model(spec.model, pretrained=False, num_classes=spec.num_classes,
-                                     img_size=spec.image_size, drop_path_rate=spec.drop_path, **spec.model_args)
-    except (RuntimeError, ValueError, TypeError) as exc:
+            torch.manual_seed(seed)
+            return timm.create_model(spec.model, attn_layer=TransferAttention, **kwargs)
+    except (RuntimeError, ValueError, TypeError, AssertionError) as exc:
         raise AttncacheError(f"--student {spec.model!r}: cannot build with {spec.model_args} ({exc})") from exc
 
 
 def check_geometry(student: nn.Module, spec: StudentSpec, teacher: TeacherSpec, layers: Sequence[int],
                    where: str) -> None:
     """A student may differ from the teacher only where maps still fit: layers, heads and tokens must match."""
-    if not hasattr(student, "blocks") or not hasattr(student, "patch_embed"):
-        raise AttncacheError(f"--student {spec.model!r}: not a timm VisionTransformer")
     got = geometry(student, spec.model)
     problems = geometry_differences(got, vars(teacher), ("num_heads", "num_tokens", "num_prefix_tokens"))
     if layers and max(layers) >= got["depth"]:
@@ -149,24 +146,32 @@ def check_geometry(student: nn.Module, spec: StudentSpec, teacher: TeacherSpec, 
                              f"(teacher {teacher.model}): " + "; ".join(problems))
 
 
-def load_pretrained(student: nn.Module, weights: str | None, teacher: TeacherSpec, mode: str) -> str:
-    """Start gta/finetune from the teacher's weights (the classifier head stays fresh); returns their sha256,
+def teacher_state(weights: str | None, pretrained: bool, teacher: TeacherSpec, mode: Mode) -> dict:
+    """The teacher's weights a gta/finetune student starts from: `--weights`, else the hub (checked to be
+    reachable at once), else a one-line error (never a minute of retries)."""
+    import timm
+
+    if weights is not None:
+        return read_state_dict(weights)
+    if not pretrained:
+        raise AttncacheError(f"--mode {mode.name} starts from the teacher's weights: pass --weights FILE "
+                             "(or drop --no-pretrained to download them)")
+    require_hub(teacher.model)
+    try:
+        return timm.create_model(teacher.model, pretrained=True, num_classes=0, img_size=teacher.image_size,
+                                 **teacher.model_args).state_dict()
+    except Exception as exc:  # noqa: BLE001 - unknown tag, a download that failed midway, ...
+        raise AttncacheError(f"--mode {mode.name} starts from the teacher's weights: pass --weights FILE "
+                             f"(hub download of {teacher.model!r} failed: {exc})") from exc
+
+
+def load_pretrained(student: nn.Module, state: dict, where: str) -> str:
+    """Copy the teacher's body into the student (the classifier head stays fresh); returns the body's sha256,
     computed as the teacher registry computes it, so it can be compared with a cache's `weights_sha256`."""
     import copy
 
-    import timm
-
-    if weights is None:
-        try:
-            state = timm.create_model(teacher.model, pretrained=True, num_classes=0, img_size=teacher.image_size,
-                                      **teacher.model_args).state_dict()
-        except Exception as exc:  # noqa: BLE001 - offline, unknown tag, ...
-            raise AttncacheError(f"--mode {mode} starts from the teacher's weights: pass --weights FILE "
-                                 f"(hub download of {teacher.model!r} failed: {exc})") from exc
-    else:
-        state = read_state_dict(weights)
     body = copy.deepcopy(student)
     body.reset_classifier(0)  # the teacher as the registry builds it: no head
-    load_state(body, state, f"--weights {weights or teacher.model}")
+    load_state(body, state, where)
     student.load_state_dict({k: v for k, v in body.state_dict().items() if not k.startswith("head.")}, strict=False)
     return state_dict_sha256(body)

@@ -13,14 +13,13 @@ import json
 import time
 from pathlib import Path
 
-from .cache import open_cache
-from .capture import AttentionCapture
-from .data import open_image, open_source
-from .extract import ExtractConfig, extract
-from .teachers import build_teacher
-from .train import TrainConfig, train
+from ..cache import open_cache
+from ..extract import ExtractConfig, extract
+from ..sources import open_image, open_source
+from ..teacher import AttentionCapture, TeacherOptions
+from ..train import TrainConfig, train
+from ..views import render
 from .verify import verify_cache
-from .views import render
 
 STUDENT_MODES = ("scratch", "copy", "distill")
 
@@ -31,14 +30,15 @@ def run_demo(out: str | Path, epochs: int = 30) -> dict:
     results: dict = {}
 
     _say("1/4 teacher: tiny ViT (4 layers, 4 heads, 32 px) trained on demo:128 (512 images)")
-    teacher_run = train(TrainConfig(mode="scratch", out=str(out / "teacher_run"), teacher="demo", pretrained=False,
-                                    data="demo:128", val_data="demo:25", epochs=epochs, batch_size=32, lr=2e-3,
+    teacher_run = train(TrainConfig(mode="scratch", out=str(out / "teacher_run"),
+                                    teacher=TeacherOptions("demo", pretrained=False), data="demo:128",
+                                    val_data="demo:25", epochs=epochs, batch_size=32, lr=2e-3,
                                     warmup_epochs=2, workers=0, progress=False))
     weights = out / "teacher_run" / "model.safetensors"
     results["teacher_val_top1"] = teacher_run["val_top1"]
 
     _say("2/4 extract: train cache (zarr, 64 images x 2 views), val cache (wds, 100 images, embedded)")
-    common = dict(teacher="demo", weights=str(weights), batch_size=32, layers="all", progress=False)
+    common = dict(teacher=TeacherOptions("demo", weights=str(weights)), batch_size=32, layers="all", progress=False)
     extract(ExtractConfig(**common, data="demo", out=str(out / "train_cache"), views=2))
     extract(ExtractConfig(**common, data="demo:25", out=str(out / "val_cache"), split="val", format="wds",
                           embed_images=True))
@@ -69,13 +69,14 @@ def run_demo(out: str | Path, epochs: int = 30) -> dict:
 
 def _replay(out: Path, weights: Path) -> float:
     """The promise of a cache: a stored view replayed with render() gives the live teacher's maps."""
-    model, _ = build_teacher("demo", weights=weights)
+    model, _ = TeacherOptions("demo", weights=str(weights)).build()
     cache = open_cache(str(out / "train_cache"))
     item = cache["triangle/0003.png", 1]
     data = open_source("demo").read_key(item.key)
     t = cache.teacher
     x = render(open_image(data, item.key), item.view, t.image_size, t.interpolation, t.mean, t.std)
-    live = AttentionCapture(model, cache.layers, cache.decodes_to)(x[None])[0]
+    with AttentionCapture(model, cache.layers, cache.decodes_to) as capture:
+        live = capture(x[None])[0]
     err = (live - item.maps).abs().max().item()
     print(f"  replay of {item.key} view 1 {item.view.to_json()}: max |cached - live teacher| = {err:.2e} (fp16)")
     return err

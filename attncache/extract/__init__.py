@@ -1,0 +1,149 @@
+"""`attncache extract`: run a frozen teacher once over a dataset and write its attention maps to a cache.
+
+Order of work, cheapest checks first: options (config.py), `--out` (is it free, or ours?), teacher, the source's
+listing (a finished cache of the same plan stops here: nothing to do), the scan (every image hashed and decoded, so
+a corrupt one is named before the teacher runs), the claim of `--out` (plan.py), then the pipeline over the shards
+not yet complete (pipeline.py), and the manifest, written last.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..files import atomic_write_bytes, atomic_write_json, dumps_canonical, remove_partials
+from ..rundir import FINISHED
+from ..sources import open_source
+from ..store import WRITERS
+from ..store.format import (
+    FORMAT_NAME,
+    MANIFEST,
+    SAMPLES,
+    VIEWS,
+    dataset_fingerprint,
+    metadata_paths,
+    sample_and_view,
+    validate_manifest,
+)
+from ..teacher import AttentionCapture, parse_layers
+from ..views import View, ViewPolicy
+from . import plan as plans
+from .config import ExtractConfig, check_options
+from .pipeline import Work, run_pipeline
+
+__all__ = ["ExtractConfig", "extract"]
+
+
+def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, stats: dict | None = None) -> dict:
+    """Run, resume or repair an extraction; returns the manifest.
+
+    `on_shard(i)` is called after shard i is durable; `stats`, if given, receives the pipeline's wall time and
+    the number of records it processed (for benchmarks and tests).
+    """
+    codec = check_options(cfg)
+    out = Path(cfg.out)
+    plans.check_out_is_free(out)
+    device = torch.device(cfg.device)
+    model, spec = cfg.teacher.build(device)
+    layers = parse_layers(cfg.layers, spec.depth)
+    payload = cfg.payload or codec.payloads[0]
+    policy = ViewPolicy(split=cfg.split, views_per_image=cfg.views, seed=cfg.seed,
+                        crop_pct=spec.crop_pct if cfg.split == "val" else 0.875)
+    shape = spec.capture_shape(len(layers))
+    fields = codec.fields(shape)
+    source = open_source(cfg.data, cfg.split, cfg.limit)
+    entries = source.entries()
+    records = len(entries) * policy.views_per_image
+    per_shard = min(records, cfg.records_per_shard or
+                    plans.default_records_per_shard(sum(f.nbytes for f in fields.values())))
+    head = {
+        "teacher": spec.to_json(),
+        "capture": {"layers": layers, "payload": payload, "map_shape": list(shape.map_shape), "dtype": "float32"},
+        "codec": {**codec.to_json(), "fields": {k: v.to_json() for k, v in fields.items()}},
+        "views": policy.to_json(),
+        "store": {"format": cfg.format, "records": records, "records_per_shard": per_shard,
+                  "embed_images": cfg.embed_images},
+    }
+    dataset_head = {"num_samples": len(entries), "classes": source.classes, "source": source.description}
+    if stats is not None:
+        stats.update(pipeline_s=0.0, records=0)
+    if not cfg.repair and (done := plans.finished_unchanged(out, head, dataset_head,
+                                                            [e.key for e in entries])) is not None:
+        _log(cfg, f"{out}: finished cache of this plan, nothing to do (`attncache verify` re-hashes it)")
+        return done
+
+    _log(cfg, f"scanning {source.description} ({len(entries)} images) ...")
+    samples = [s.to_json() for s in source.scan(cfg.workers, plans.load_scan(out))]
+    views = [v for v in _draw_views(policy, samples, spec.image_size)]
+    samples_bytes = b"".join(dumps_canonical(s) + b"\n" for s in samples)
+    views_bytes = b"".join(dumps_canonical(_view_record(r, len(samples), views[r])) + b"\n" for r in range(records))
+    plan = {
+        "format": FORMAT_NAME,
+        "version": 2 if any(v.resize is not None for v in views) else 1,  # version 1 when readable by 1.x readers
+        **head,
+        "dataset": {**dataset_head, "fingerprint": dataset_fingerprint(samples)},
+        "files": {SAMPLES: plans.index_file_entry(SAMPLES, samples_bytes),
+                  VIEWS: plans.index_file_entry(VIEWS, views_bytes)},
+    }
+    run_dir = plans.cache_dir(out)
+    with run_dir:
+        state = run_dir.claim(plan)
+        if state == FINISHED:  # same plan, but a file is damaged or --repair asked for a full check
+            plans.reopen_finished(out)
+        plans.save_scan(out, samples, [e.stamp for e in entries])
+        atomic_write_bytes(out / SAMPLES, samples_bytes)
+        atomic_write_bytes(out / VIEWS, views_bytes)
+        writer = WRITERS[cfg.format](out, fields, codec.compressor(), records, per_shard, cfg.embed_images)
+        shards = plans.num_shards(records, per_shard)
+        pending = [s for s in range(shards) if not plans.shard_done(out, s, writer.shard_paths(s), cfg.repair)]
+        _log(cfg, f"{records} records in {shards} shards, {shards - len(pending)} already complete")
+        start = time.perf_counter()
+        if pending:
+            work = Work(out, spec, source, samples, views, per_shard, records, cfg.embed_images)
+            with AttentionCapture(model, layers, payload) as capture:
+                run_pipeline(work, pending, capture, codec, writer, batch_size=cfg.batch_size,
+                             workers=cfg.workers, device=device, amp=cfg.amp, progress=cfg.progress,
+                             on_shard=on_shard)
+        if stats is not None:
+            stats.update(pipeline_s=time.perf_counter() - start,
+                         records=sum(min(per_shard, records - s * per_shard) for s in pending))
+        manifest = {
+            **plan,
+            "created_by": f"attncache {__version__}",
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "store": {**plan["store"],
+                      "shards": [plans.shard_entry(out, s, per_shard, records) for s in range(shards)],
+                      "metadata_files": [_metadata_entry(out, p) for p in metadata_paths(cfg.format, fields)]},
+        }
+        validate_manifest(manifest)
+        remove_partials(out)  # a finished cache holds only the files its format names
+        atomic_write_json(out / MANIFEST, manifest)
+        plans.remove_progress(out)
+    return manifest
+
+
+def _draw_views(policy: ViewPolicy, samples: list[dict], size: int) -> list[View]:
+    """All records' views in row order (view-major)."""
+    per_sample = [policy.draw(s["key"], s["width"], s["height"], size) for s in samples]
+    return [per_sample[i][v] for v in range(policy.views_per_image) for i in range(len(samples))]
+
+
+def _view_record(row: int, num_samples: int, view: View) -> dict:
+    sample_index, view_index = sample_and_view(row, num_samples)
+    return {"sample": sample_index, "view": view_index, **view.to_json()}
+
+
+def _metadata_entry(out: Path, rel: str) -> dict:
+    record = plans.file_record(out, rel)
+    return {k: record[k] for k in ("path", "bytes", "sha256")}
+
+
+def _log(cfg: ExtractConfig, msg: str) -> None:
+    if cfg.progress:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"attncache: {msg}", markup=False, highlight=False, emoji=False)

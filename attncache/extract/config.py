@@ -1,0 +1,60 @@
+"""What `attncache extract` takes, and the checks that need no teacher and no image (they run first)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..codecs import Codec, get_codec
+from ..errors import AttncacheError
+from ..store.format import STORE_FORMATS
+from ..teacher import PAYLOADS, TeacherOptions
+
+
+@dataclass
+class ExtractConfig:
+    teacher: TeacherOptions
+    data: str
+    out: str
+    format: str = "zarr"
+    views: int = 1
+    split: str = "train"
+    layers: str = "all"
+    payload: str | None = None  # None: the codec's default (probs for fp16, qk for qk/lowrank, logits for cls)
+    codec: str = "fp16"
+    codec_params: dict = field(default_factory=dict)
+    batch_size: int = 32
+    device: str = "cpu"
+    seed: int = 0
+    records_per_shard: int | None = None
+    embed_images: bool = False
+    workers: int = 2
+    limit: int | None = None  # only the first N images (smoke runs, benchmarks)
+    amp: bool = False  # bf16 autocast for the teacher on CUDA; maps are still formed in fp32
+    repair: bool = False  # re-hash every file of a finished cache and rewrite the shards that differ
+    progress: bool = True
+
+
+def check_options(cfg: ExtractConfig) -> Codec:
+    """Option errors before anything is built or read; returns the codec."""
+    if cfg.format not in STORE_FORMATS:
+        raise AttncacheError(f"--format {cfg.format!r}: expected one of {STORE_FORMATS}")
+    if cfg.embed_images and cfg.format != "wds":
+        raise AttncacheError("--embed-images needs --format wds (a zarr cache joins images by key)")
+    for name, value in (("batch-size", cfg.batch_size), ("workers", cfg.workers)):
+        if value < 1:
+            raise AttncacheError(f"--{name} {value}: must be >= 1")
+    if cfg.records_per_shard is not None and cfg.records_per_shard < 1:
+        raise AttncacheError(f"--shard-records {cfg.records_per_shard}: must be >= 1")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise AttncacheError(f"--limit {cfg.limit}: must be >= 1")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise AttncacheError(f"--device {cfg.device}: CUDA is not available on this machine")
+    codec = get_codec(cfg.codec, **cfg.codec_params)
+    if cfg.payload is not None and cfg.payload not in PAYLOADS:
+        raise AttncacheError(f"--payload {cfg.payload!r}: expected one of {PAYLOADS}")
+    if cfg.payload is not None and cfg.payload not in codec.payloads:
+        raise AttncacheError(f"--codec {cfg.codec} encodes payload {' or '.join(codec.payloads)}, "
+                             f"not --payload {cfg.payload}")
+    return codec

@@ -1,0 +1,164 @@
+"""The extraction pipeline: images -> views -> frozen teacher -> codec -> whole shards, three stages overlapped.
+
+Worker threads decode images and render views (a bounded window ahead), the calling thread runs the teacher and
+the codec's on-device encoding, one writer thread compresses and writes whole shards (temporary name, then rename)
+and drops a completion marker per shard. The first error of any stage is raised in the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..codecs import Codec
+from ..sources import IMAGE_EXTENSIONS, Source, open_image
+from ..store import StoreWriter
+from ..store.format import sample_and_view
+from ..teacher import AttentionCapture, TeacherSpec
+from ..views import View, render
+from .plan import write_marker
+
+
+@dataclass
+class Work:
+    """What the pipeline needs to know about the cache being written."""
+
+    out: Path
+    spec: TeacherSpec
+    source: Source
+    samples: list[dict]
+    views: list[View]
+    per_shard: int
+    records: int
+    embed_images: bool
+
+
+def _rendered_rows(work: Work, rows: list[int], pool, window: int) -> Iterator[tuple[int, torch.Tensor, bytes]]:
+    """(row, pixels, image bytes) in row order; rendering runs in `pool`, at most `window` rows ahead."""
+    n, spec = len(work.samples), work.spec
+
+    def one(row: int, data: bytes) -> tuple[int, torch.Tensor, bytes]:
+        key = work.samples[sample_and_view(row, n)[0]]["key"]
+        image = open_image(data, work.source.where(key))
+        return row, render(image, work.views[row], spec.image_size, spec.interpolation, spec.mean, spec.std), data
+
+    pending: deque = deque()
+    by_sample: dict[int, list[int]] = {}
+    for row in rows:
+        by_sample.setdefault(sample_and_view(row, n)[0], []).append(row)
+    for sample_index, data in work.source.iter_bytes(sorted(by_sample)):
+        for row in by_sample[sample_index]:
+            pending.append(pool.submit(one, row, data))
+        while len(pending) > window:
+            yield pending.popleft().result()
+    for fut in pending:
+        yield fut.result()
+
+
+class ShardWriterThread(threading.Thread):
+    """Compresses and writes whole shards off the main thread; the first error is re-raised in the caller."""
+
+    def __init__(self, writer: StoreWriter, out: Path, on_shard: Callable[[int], None] | None):
+        super().__init__(daemon=True)
+        self.writer, self.out, self.on_shard = writer, out, on_shard
+        self.jobs: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+
+    def run(self):
+        while (job := self.jobs.get()) is not None:
+            if self.error is not None:
+                continue
+            shard, arrays, metas, images = job
+            try:
+                arrays = {k: np.stack(v) for k, v in arrays.items()}
+                self.writer.write_shard(shard, arrays, metas, images)
+                write_marker(self.out, shard, self.writer.shard_paths(shard))
+                if self.on_shard:
+                    self.on_shard(shard)
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                self.error = exc
+
+    def submit(self, job):
+        self.check()
+        self.jobs.put(job)
+
+    def finish(self):
+        self.jobs.put(None)
+        self.join()
+        self.check()
+
+    def check(self):
+        if self.error is not None:
+            raise self.error
+
+
+def image_ext(key: str, data: bytes, where: str) -> str:
+    """Tar member extension of an embedded image: the key's own (ImageFolder), else the decoded format's
+    (webdataset keys carry no extension, and may contain '/' or '.')."""
+    name = key.rsplit("/", 1)[-1]
+    if "." in name and f".{name.rsplit('.', 1)[1].lower()}" in IMAGE_EXTENSIONS:
+        return name.rsplit(".", 1)[1].lower()
+    fmt = (open_image(data, where).format or "").lower()
+    return {"jpeg": "jpg", "tiff": "tif"}.get(fmt, fmt) or "img"
+
+
+def run_pipeline(work: Work, pending: list[int], capture: AttentionCapture, codec: Codec, writer: StoreWriter, *,
+                 batch_size: int, workers: int, device: torch.device, amp: bool, progress: bool,
+                 on_shard: Callable[[int], None] | None = None) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    n, per_shard, records = len(work.samples), work.per_shard, work.records
+    rows = [r for s in pending for r in range(s * per_shard, min(records, (s + 1) * per_shard))]
+    shard_rows = {s: min(per_shard, records - s * per_shard) for s in pending}
+    writer_thread = ShardWriterThread(writer, work.out, on_shard)
+    writer_thread.start()
+    buffers: dict[int, list] = {}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" \
+        else contextlib.nullcontext()
+
+    def flush(batch):
+        x = torch.stack([p for _, p, _ in batch]).to(device, non_blocking=True)
+        with autocast:
+            captured = capture(x)
+        encoded = codec.encode(captured, capture.payload)
+        for j, (row, _, data) in enumerate(batch):
+            shard = row // per_shard
+            s = work.samples[sample_and_view(row, n)[0]]
+            meta = {"key": s["key"], "view": row // n, "label": s["label"], "sha256": s["sha256"],
+                    **work.views[row].to_json()}
+            image = (data, image_ext(s["key"], data, work.source.where(s["key"]))) if work.embed_images else None
+            buffers.setdefault(shard, []).append((row, {k: v[j] for k, v in encoded.items()}, meta, image))
+            if len(buffers[shard]) == shard_rows[shard]:
+                items = sorted(buffers.pop(shard), key=lambda t: t[0])
+                arrays = {k: [it[1][k] for it in items] for k in encoded}  # stacked by the writer thread
+                images = [it[3] for it in items] if work.embed_images else None
+                writer_thread.submit((shard, arrays, [it[2] for it in items], images))
+        bar.advance(task, len(batch))
+
+    columns = [TextColumn("extract"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]:.1f} views/s"), TimeRemainingColumn()]
+    start = time.perf_counter()
+    with Progress(*columns, disable=not progress, transient=False) as bar, ThreadPoolExecutor(workers) as pool:
+        task = bar.add_task("extract", total=len(rows), rate=0.0)
+        batch: list = []
+        try:
+            for item in _rendered_rows(work, rows, pool, window=4 * batch_size):
+                batch.append(item)
+                if len(batch) == batch_size:
+                    flush(batch)
+                    batch = []
+                    bar.update(task, rate=bar.tasks[0].completed / max(1e-9, time.perf_counter() - start))
+            if batch:
+                flush(batch)
+        finally:
+            writer_thread.finish()

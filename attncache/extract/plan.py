@@ -1,0 +1,202 @@
+"""What an extraction will write (its plan), and the bookkeeping that lets a killed one resume where it stopped.
+
+The plan is the manifest minus what only exists once the shards do (shard list, timestamps). It is written to
+`.progress/plan.json` when the cache directory is claimed; each durable shard gets a marker
+`.progress/shard-NNNNNN.json` with its files' sizes, sha256 and mtimes. A re-run checks markers by size and mtime
+(cheap), so resuming costs what is left. A finished cache (manifest present) is checked by file sizes only; a
+full re-hash, and the rewrite of any shard that differs, is `--repair` (or `attncache verify` to only look).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+from pathlib import Path
+
+from ..errors import AttncacheError
+from ..files import StrictJSONError, atomic_write_json, dumps_canonical, read_json, write_jsonl
+from ..rundir import RunDir
+from ..store.format import (
+    MANIFEST,
+    PLAN,
+    PROGRESS_DIR,
+    SAMPLES,
+    VIEWS,
+    WDS_SHARD_DIR,
+    named_files,
+    parse_jsonl,
+    parse_manifest,
+)
+
+TARGET_SHARD_BYTES = 256 << 20  # raw bytes per shard before compression; webdataset's usual 100 MB-1 GB range
+PLAN_STORE_KEYS = ("format", "records", "records_per_shard", "embed_images")
+SCAN = f"{PROGRESS_DIR}/scan.jsonl"
+
+
+def default_records_per_shard(record_bytes: int) -> int:
+    return int(max(1, min(4096, TARGET_SHARD_BYTES // max(1, record_bytes))))
+
+
+def index_file_entry(name: str, data: bytes) -> dict:
+    return {"path": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def plan_differences(old: dict, new: dict) -> list[str]:
+    """Sections of the plan that differ (a finished manifest adds shard lists and timestamps: not compared)."""
+    out = []
+    for key in new:
+        a, b = old.get(key), new[key]
+        if key == "store" and isinstance(a, dict):
+            a = {k: a.get(k) for k in PLAN_STORE_KEYS}
+        if dumps_canonical(a) != dumps_canonical(b):
+            out.append(key)
+    derived = ("files", "version")  # follow from the views and the images: named only when nothing else differs
+    return [k for k in out if k not in derived] or out
+
+
+def _recorded_plan(out: Path) -> dict:
+    return read_json(out / PLAN) if (out / PLAN).is_file() else read_json(out / MANIFEST)
+
+
+def _started(out: Path, old_plan: dict) -> bool:
+    """A cache has something of value once a shard is durable (or it is finished)."""
+    return (out / MANIFEST).is_file() or any((out / PROGRESS_DIR).glob("shard-*.json"))
+
+
+def _discard(out: Path, old_plan: dict) -> None:
+    """Remove an unstarted extraction's files: exactly the names its plan gives them."""
+    fields = old_plan.get("codec", {}).get("fields", {}) if isinstance(old_plan.get("codec"), dict) else {}
+    for name in (PROGRESS_DIR, WDS_SHARD_DIR, *[n for n in fields if isinstance(n, str) and n.isidentifier()]):
+        if (out / name).is_dir() and not (out / name).is_symlink():
+            shutil.rmtree(out / name)
+    for name in (SAMPLES, VIEWS, "zarr.json"):
+        (out / name).unlink(missing_ok=True)
+
+
+def cache_dir(out: str | Path) -> RunDir:
+    return RunDir(out, kind="cache", plan_file=PLAN, done_file=MANIFEST, started=_started,
+                  recorded_plan=_recorded_plan, differences=plan_differences, discard=_discard)
+
+
+def check_out_is_free(out: Path) -> None:
+    """The cheap part of the directory check, before the teacher is built."""
+    if out.exists() and not out.is_dir():
+        raise AttncacheError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not cache_dir(out).is_ours():
+        raise AttncacheError(f"--out {out}: not empty and holds no attncache cache; choose an empty or new "
+                             "directory")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a finished cache
+
+
+def finished_unchanged(out: Path, head: dict, dataset: dict, keys: list[str]) -> dict | None:
+    """The manifest of a finished cache made by this plan, every file of the right size; else None.
+
+    `head` holds the plan's sections that need no image (teacher, capture, codec, views, store) and `dataset` its
+    dataset section without the content fingerprint; the images are compared by key only (hashing them is the
+    full scan this check exists to avoid; training still checks each image's sha256 when it reads it)."""
+    if not (out / MANIFEST).is_file():
+        return None
+    try:
+        manifest = parse_manifest((out / MANIFEST).read_bytes())
+        recorded = [s["key"] for s in parse_jsonl((out / SAMPLES).read_bytes(), SAMPLES)]
+    except (OSError, AttncacheError, KeyError, TypeError):
+        return None
+    if plan_differences(manifest, head) or {k: manifest["dataset"].get(k) for k in dataset} != dataset:
+        return None
+    if recorded != keys:
+        return None
+    return manifest if all(_size_matches(out, f) for f in named_files(manifest)) else None
+
+
+def reopen_finished(out: Path) -> None:
+    """Turn a finished cache back into a resumable one: its manifest's shard entries become completion markers
+    (their files are checked again like any marker's), and the manifest goes until the cache is whole again."""
+    manifest = read_json(out / MANIFEST)
+    for shard in manifest["store"]["shards"]:
+        marker = marker_path(out, shard["index"])
+        if not marker.exists():
+            atomic_write_json(marker, {"files": shard["files"]})
+    (out / MANIFEST).unlink()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# shard markers
+
+
+def marker_path(out: Path, shard: int) -> Path:
+    return out / PROGRESS_DIR / f"shard-{shard:06d}.json"
+
+
+def file_record(out: Path, rel: str) -> dict:
+    """{path, bytes, sha256} of a file just written, plus its mtime (for the cheap resume check)."""
+    path = out / rel
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    st = path.stat()
+    return {"path": rel, "bytes": st.st_size, "sha256": h.hexdigest(), "mtime_ns": st.st_mtime_ns}
+
+
+def write_marker(out: Path, shard: int, paths: list[str]) -> None:
+    atomic_write_json(marker_path(out, shard), {"files": [file_record(out, p) for p in paths]})
+
+
+def _size_matches(out: Path, entry: dict) -> bool:
+    path = out / entry["path"]
+    return path.is_file() and not path.is_symlink() and path.stat().st_size == entry["bytes"]
+
+
+def _intact(out: Path, entry: dict, full: bool) -> bool:
+    """Does the file still have the recorded size (and mtime, or with `full` its sha256)?"""
+    if not _size_matches(out, entry):
+        return False
+    if full or "mtime_ns" not in entry:
+        return file_record(out, entry["path"])["sha256"] == entry["sha256"]
+    return (out / entry["path"]).stat().st_mtime_ns == entry["mtime_ns"]
+
+
+def shard_done(out: Path, shard: int, paths: list[str], full: bool = False) -> bool:
+    """A shard is complete when its marker exists and every file it names is intact."""
+    try:
+        files = read_json(marker_path(out, shard))["files"]
+    except (OSError, StrictJSONError, KeyError, TypeError):
+        return False
+    if sorted(f["path"] for f in files) != sorted(paths):
+        return False
+    return all(_intact(out, f, full) for f in files)
+
+
+def shard_entry(out: Path, shard: int, per_shard: int, records: int) -> dict:
+    files = [{k: f[k] for k in ("path", "bytes", "sha256")} for f in read_json(marker_path(out, shard))["files"]]
+    first = shard * per_shard
+    return {"index": shard, "first_record": first, "records": min(per_shard, records - first), "files": files}
+
+
+def num_shards(records: int, per_shard: int) -> int:
+    return math.ceil(records / per_shard)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the scan cache: an interrupted extraction's re-run re-reads only the images that changed
+
+
+def load_scan(out: Path) -> dict[str, dict]:
+    try:
+        return {r["key"]: r for r in parse_jsonl((out / SCAN).read_bytes(), SCAN)}
+    except (OSError, AttncacheError, KeyError, TypeError):
+        return {}
+
+
+def save_scan(out: Path, samples: list[dict], stamps: list[str | None]) -> None:
+    write_jsonl(out / SCAN, [{**s, "stamp": stamp} for s, stamp in zip(samples, stamps, strict=True)])
+
+
+def remove_progress(out: Path) -> None:
+    """A finished cache carries no resume state."""
+    if (out / PROGRESS_DIR).is_dir():
+        shutil.rmtree(out / PROGRESS_DIR)

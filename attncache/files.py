@@ -1,0 +1,150 @@
+"""Local files this tool writes or parses: atomic writes that honour the umask, strict JSON, append-only logs.
+
+- `atomic_write_bytes`: a temporary name in the same folder, fsync, rename. Readers (and a re-run after SIGKILL)
+  see the old file or the new one, never half of one. The result gets the mode any file the user creates gets
+  (0666 minus the umask): a cache is meant to be shared.
+- `loads_strict`: JSON that refuses duplicate keys, NaN and Infinity (a cache is untrusted input; `{"a": 1, "a":
+  2}` must not silently mean 2).
+- `AppendLog`: one JSON object per line, appended; a torn last line (a kill during the write) is dropped on open,
+  never the lines before it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+PARTIAL_SUFFIX = ".partial"  # every temporary file ends so (ours and zarr's LocalStore's): never a format file
+
+_umask: int | None = None
+_umask_lock = threading.Lock()
+
+
+def file_mode() -> int:
+    """0666 minus the process umask, read once (os.umask can only be read by setting it)."""
+    global _umask
+    with _umask_lock:
+        if _umask is None:
+            _umask = os.umask(0o022)
+            os.umask(_umask)
+    return 0o666 & ~_umask
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` atomically, with the mode a newly created file would have."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), file_mode())  # mkstemp creates 0600
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def dumps_canonical(obj) -> bytes:
+    """Sorted keys, no spaces, NaN refused: the bytes that hashes and comparisons are taken over."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def atomic_write_json(path: str | Path, obj, indent: int | None = 2) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=indent, allow_nan=False) + "\n").encode())
+
+
+def write_jsonl(path: str | Path, rows) -> None:
+    atomic_write_bytes(path, b"".join(dumps_canonical(r) + b"\n" for r in rows))
+
+
+class StrictJSONError(ValueError):
+    pass
+
+
+def _no_duplicates(pairs):
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise StrictJSONError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _no_constants(name):
+    raise StrictJSONError(f"{name} is not a JSON number")
+
+
+def loads_strict(data: bytes | str):
+    """json.loads that raises StrictJSONError (a ValueError) on duplicate keys, NaN, Infinity or bad syntax."""
+    try:
+        return json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+    except json.JSONDecodeError as exc:
+        raise StrictJSONError(f"invalid JSON ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise StrictJSONError(f"not UTF-8 text ({exc.reason})") from exc
+
+
+def read_json(path: str | Path):
+    """A JSON file this tool wrote (plan, config, marker), strictly parsed."""
+    return loads_strict(Path(path).read_bytes())
+
+
+class AppendLog:
+    """A JSON-lines file that only grows, one `append` per line. Opening it drops a torn last line."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.lines = self._repair()
+
+    def _repair(self) -> int:
+        if not self.path.exists():
+            return 0
+        data = self.path.read_bytes()
+        whole = data[:data.rfind(b"\n") + 1]  # a line without its newline was cut by a kill: drop it
+        if len(whole) != len(data):
+            atomic_write_bytes(self.path, whole)
+        return whole.count(b"\n")
+
+    def read(self) -> list[dict]:
+        return [loads_strict(line) for line in self.path.read_bytes().splitlines()] if self.path.exists() else []
+
+    def truncate(self, lines: int) -> None:
+        """Keep the first `lines` lines (what a checkpoint had seen); later ones are about to be recomputed."""
+        if lines < self.lines:
+            data = self.path.read_bytes()
+            keep = b"".join(line + b"\n" for line in data.splitlines()[:lines])
+            atomic_write_bytes(self.path, keep)
+            self.lines = lines
+
+    def append(self, record: dict) -> None:
+        # A diverged loss is worth recording, but NaN is not JSON: non-finite numbers are written as null.
+        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        with open(self.path, "ab") as f:  # created with 0666 minus the umask, like any file
+            f.write(json.dumps(clean, allow_nan=False).encode() + b"\n")
+        self.lines += 1
+
+    def sync(self) -> None:
+        """Make the lines written so far durable (before a checkpoint records how many there are)."""
+        if self.path.exists():
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def remove_partials(root: str | Path) -> list[Path]:
+    """Remove temporary files left under `root` by a killed write (names ending in `.partial`); returns them."""
+    removed = []
+    for path in Path(root).rglob(f"*{PARTIAL_SUFFIX}"):
+        if path.is_file() and not path.is_symlink():
+            path.unlink()
+            removed.append(path)
+    return removed

@@ -1,0 +1,1 @@
+"""Tools around the two stages: verify.py (check a cache), bench.py (measure), demo.py (`make demo`)."""

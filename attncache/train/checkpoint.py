@@ -1,0 +1,84 @@
+"""A run directory's files, and the checkpoint that makes a killed run resume to the bit.
+
+```
+RUN/config.json          what decides the result (options, caches, student, teacher)
+RUN/metrics.jsonl        one JSON object per line: train windows and evaluations
+RUN/checkpoints/last.pt  written atomically: model, optimizer, EMA, RNG, position, metrics line count, log window
+RUN/model.safetensors    the final student (ema.safetensors with --ema)
+RUN/results.json         written last: the run is finished
+```
+
+The checkpoint records where the run is (step, epoch, batch within the epoch), how many metrics lines it had
+written, and the partial sums of the current logging window, so the resumed run writes the same lines an
+uninterrupted run writes. It is loaded with `torch.load(weights_only=True)`: tensors and plain containers only.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import AttncacheError
+from ..files import atomic_write_bytes
+
+CONFIG, METRICS, RESULTS = "config.json", "metrics.jsonl", "results.json"
+CHECKPOINT = "checkpoints/last.pt"
+MODEL, EMA_MODEL = "model.safetensors", "ema.safetensors"
+
+
+@dataclass
+class Position:
+    """Where a run is: optimizer steps done, the current epoch, and batches of it done."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+
+@dataclass
+class Window:
+    """The training losses logged as one metrics line: running sums since the last line."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    images: int = 0
+
+    def add(self, losses: dict[str, float], images: int) -> None:
+        for k, v in losses.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+        self.images += images
+
+    def means(self) -> dict[str, float]:
+        return {k: v / self.steps for k, v in self.sums.items()}
+
+
+def save_checkpoint(run: Path, *, position: Position, window: Window, metrics_lines: int, steps_per_epoch: int,
+                    model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema) -> None:
+    state = {
+        "position": asdict(position), "window": asdict(window), "metrics_lines": metrics_lines,
+        "steps_per_epoch": steps_per_epoch,
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "ema": ema.module.state_dict() if ema is not None else None,
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(run / CHECKPOINT, buf.getvalue())
+
+
+def load_checkpoint(run: Path, steps_per_epoch: int) -> dict:
+    path = run / CHECKPOINT
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        position, window = Position(**state["position"]), Window(**state["window"])
+    except Exception as exc:  # noqa: BLE001
+        raise AttncacheError(f"{path}: unreadable checkpoint ({exc}); delete it to restart the run") from exc
+    if state["steps_per_epoch"] != steps_per_epoch:
+        raise AttncacheError(f"{path}: written with {state['steps_per_epoch']} steps per epoch, this run has "
+                             f"{steps_per_epoch}; the data changed under the run: choose another --out")
+    return {**state, "position": position, "window": window}

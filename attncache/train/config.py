@@ -1,0 +1,81 @@
+"""What `attncache train` takes, and the option checks that need no cache, image or model (they run first)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import AttncacheError
+from ..teacher import TeacherOptions
+from .modes import get_mode
+
+# Options that change how a run executes, not what it computes: they may differ when a run is resumed.
+RUNTIME_OPTIONS = ("progress", "max_steps", "log_every", "save_every", "workers", "device", "storage_options")
+
+
+@dataclass
+class TrainConfig:
+    mode: str
+    out: str
+    cache: str | None = None  # train cache (maps + views); without it, views are drawn live from --data
+    data: str | None = None  # train images, joined to the cache by key (not needed with embedded images)
+    val_cache: str | None = None
+    val_data: str | None = None
+    storage_options: dict = field(default_factory=dict)  # fsspec options of remote caches (credentials, ...)
+    student: str | None = None  # default: the teacher's own architecture
+    student_args: dict = field(default_factory=dict)
+    # The teacher: with a name, a live teacher (map modes) or the architecture (no cache); its weights are also
+    # where gta/finetune start. Without a name, the cache's teacher.
+    teacher: TeacherOptions = field(default_factory=TeacherOptions)
+    layers: str | None = None  # transferred layers; default: first depth-3 (copy/distill), all cached (gta)
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    beta2: float = 0.999
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    distill_weight: float = 3.0
+    gta_weight: float = 0.1
+    drop_path: float = 0.0
+    clip_grad: float | None = None
+    ema: float | None = None  # EMA decay, e.g. 0.9999
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    seed: int = 0
+    device: str = "cpu"
+    amp: bool = True  # bf16 autocast on CUDA; CPU always runs fp32
+    workers: int = 2
+    max_steps: int | None = None  # stop (with a checkpoint) after this many steps; the schedule spans all epochs
+    save_every: int | None = None  # also checkpoint every N steps
+    log_every: int = 10
+    progress: bool = True
+
+
+def check_options(cfg: TrainConfig) -> None:
+    mode = get_mode(cfg.mode)
+    if cfg.mixup or cfg.cutmix:
+        raise AttncacheError(
+            "--mixup/--cutmix: the cache carries no mixed views, and mixing only the student's input would show it "
+            "pixels its teacher never saw; mixed-view extraction is not supported yet")
+    for name in ("epochs", "batch_size", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise AttncacheError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 1")
+    for name in ("max_steps", "save_every"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise AttncacheError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 1")
+    if cfg.workers < 0:
+        raise AttncacheError(f"--workers {cfg.workers}: must be >= 0")
+    if not 0 <= cfg.drop_path < 1:
+        raise AttncacheError(f"--drop-path {cfg.drop_path}: expected 0 <= p < 1")
+    if cfg.ema is not None and not 0 < cfg.ema < 1:
+        raise AttncacheError(f"--ema {cfg.ema}: expected a decay in (0, 1)")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise AttncacheError(f"--device {cfg.device}: CUDA is not available on this machine")
+    if mode.needs_maps and cfg.cache is None and cfg.teacher.name is None:
+        raise AttncacheError(f"--mode {cfg.mode} needs teacher maps: pass --cache (or --teacher for a live teacher)")
+    if mode.starts_from_teacher and cfg.teacher.weights is None and not cfg.teacher.pretrained:
+        raise AttncacheError(f"--mode {cfg.mode} starts from the teacher's weights: pass --weights FILE "
+                             "(or drop --no-pretrained to download them)")

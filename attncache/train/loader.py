@@ -1,0 +1,259 @@
+"""Training input: batches of (rendered view, label, compact teacher-map fields) from a cache, or live views.
+
+**One sequence of batches per epoch.** An epoch's batches are a pure function of (seed, epoch, rank, world size,
+batch size), computed before any byte is read:
+- cache: one view per image (epoch e reads view e mod K; records are view-major, so these rows are contiguous);
+  zarr caches take a global permutation, webdataset caches a locality-preserving one (shards in shuffled order,
+  rows through a shuffle buffer, so a batch reads from few shards);
+- live (no cache): the samples in a permuted order, views drawn per epoch from a `ViewPolicy`;
+- the order is split by rank (strided) and cut into batches; with `drop_last` (training) every epoch and every rank
+  has exactly floor(items / (batch x world)) batches.
+
+**Workers deal from that one sequence.** DataLoader worker j of n yields the epoch's batches start + j, start + j + n,
+..., which is exactly the order the DataLoader yields them in (round robin from worker 0). So the sequence does not
+depend on the number of workers, and resuming at batch `start` of an epoch is exact whatever the per-worker
+progress was (and with any worker count). Workers are persistent: the main process sets (epoch, start) in shared
+memory before each `iter(loader)`, and the workers' stores stay open across epochs.
+
+Each record's image is joined by key from `--data` (or taken from the cache when it carries the images), checked
+against the sha256 recorded at extraction, and rendered with the same `views.render` as extraction. Maps leave the
+worker as the codec's compact fields; decoding happens on the training device. Workers start through forkserver
+(spawn where there is none): zarr and fsspec run an asyncio loop in a background thread, which a worker forked from
+the training process would inherit in an unusable state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..cache import Cache
+from ..errors import AttncacheError
+from ..sources import Source, open_image
+from ..store.format import row_of
+from ..views import View, ViewPolicy, render
+
+
+@dataclass(frozen=True)
+class RenderSpec:
+    """How views become pixels: the teacher's input size, interpolation and normalisation."""
+
+    size: int
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def of(cls, teacher) -> RenderSpec:
+        return cls(teacher.image_size, teacher.interpolation, tuple(teacher.mean), tuple(teacher.std))
+
+
+class ViewStream(IterableDataset):
+    """Yields ready batches: {"images", "labels", "rows", "fields", "epoch", "index"} (or {"error": msg})."""
+
+    def __init__(self, *, render_spec: RenderSpec, batch_size: int, shuffle: bool, seed: int = 0,
+                 cache: Cache | None = None, with_maps: bool = True, source: Source | None = None,
+                 samples: list[dict] | None = None, policy: ViewPolicy | None = None,
+                 rank: int = 0, world_size: int = 1, shuffle_buffer: int = 2048, drop_last: bool | None = None):
+        """A `cache` (views and maps; images from `source` unless embedded), or live `samples` + `policy`."""
+        if cache is None and (samples is None or policy is None):
+            raise ValueError("a live stream needs samples and a view policy")
+        self.render_spec, self.batch_size, self.shuffle, self.seed = render_spec, batch_size, shuffle, seed
+        self.cache, self.with_maps, self.source = cache, with_maps, source
+        self._samples, self.policy = samples, policy
+        self.rank, self.world_size, self.shuffle_buffer = rank, world_size, shuffle_buffer
+        self.drop_last = shuffle if drop_last is None else drop_last
+        self._position = [0, 0]  # (epoch, first batch); shared memory once a multi-process loader is made
+
+    @property
+    def samples(self) -> list[dict]:
+        return self.cache.samples if self.cache is not None else self._samples
+
+    def set_position(self, epoch: int, start: int = 0) -> None:
+        """The next iteration yields `epoch`'s batches from index `start` on (set before `iter(loader)`)."""
+        self._position[0], self._position[1] = epoch, start
+
+    # -- what to read ----------------------------------------------------------------------------------------
+
+    def epoch_items(self, epoch: int) -> list[int]:
+        """Cache rows (one view per image) or sample indices (live) of an epoch, in storage order."""
+        if self.cache is None:
+            return list(range(len(self._samples)))
+        view = epoch % self.cache.views_per_image if self.shuffle else 0  # evaluation: always the first view
+        return [row_of(i, view, self.cache.num_samples) for i in range(self.cache.num_samples)]
+
+    def order(self, epoch: int) -> list[int]:
+        """The epoch's items in the order they are trained on (before the rank split)."""
+        items = self.epoch_items(epoch)
+        if not self.shuffle:
+            return items
+        if self.cache is not None and self.cache.manifest["store"]["format"] == "wds":
+            return self._streamed_order(items, epoch)
+        return np.random.default_rng([self.seed, epoch]).permutation(items).tolist()
+
+    def _streamed_order(self, rows: list[int], epoch: int) -> list[int]:
+        """Shards in shuffled order, rows through a shuffle buffer: a batch's rows come from few shards."""
+        per_shard = self.cache.manifest["store"]["records_per_shard"]
+        rng = np.random.default_rng([self.seed, epoch])
+        shards = rng.permutation(sorted({r // per_shard for r in rows})).tolist()
+        wanted = set(rows)
+        out, buffer = [], []
+        for shard in shards:
+            for row in range(shard * per_shard, (shard + 1) * per_shard):
+                if row not in wanted:
+                    continue
+                buffer.append(row)
+                if len(buffer) >= self.shuffle_buffer:
+                    j = int(rng.integers(len(buffer)))
+                    buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                    out.append(buffer.pop())
+        rng.shuffle(buffer)
+        return out + buffer
+
+    def plan(self, epoch: int) -> list[list[int]]:
+        """This rank's batches (lists of items) of `epoch`, in training order."""
+        order = self.order(epoch)
+        step = self.batch_size * self.world_size
+        usable = len(order) // step * step if self.drop_last else len(order)
+        mine = order[self.rank:usable:self.world_size]
+        return [mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
+
+    def batches_per_epoch(self) -> int:
+        """The same for every epoch (and, with drop_last, every rank)."""
+        return len(self.plan(0))
+
+    # -- reading -----------------------------------------------------------------------------------------------
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch, start = int(self._position[0]), int(self._position[1])
+        try:
+            batches = self.plan(epoch)
+            for index in range(start + worker, len(batches), num_workers):
+                yield {**self.load(epoch, batches[index]), "epoch": epoch, "index": index}
+        except AttncacheError as exc:  # reported by the training process as a one-line error
+            yield {"error": str(exc)}
+
+    def load(self, epoch: int, items: list[int]) -> dict:
+        if self.cache is None:
+            return self._load_live(epoch, items)
+        cache = self.cache
+        fields = {}
+        if self.with_maps:
+            order = np.argsort(items, kind="stable")  # storage order: one pass per shard
+            raw = cache.read_fields([items[j] for j in order])
+            inverse = torch.from_numpy(np.argsort(order, kind="stable"))
+            fields = {name: a[inverse].contiguous() for name, a in raw.items()}
+        blobs = cache.reader.read_images(items) if cache.manifest["store"]["embed_images"] else [None] * len(items)
+        images, labels = [], []
+        for row, blob in zip(items, blobs, strict=True):
+            sample = cache.sample(row)
+            images.append(self._render(sample, cache.view(row), blob))
+            labels.append(sample["label"])
+        return {"images": torch.stack(images), "labels": torch.tensor(labels, dtype=torch.int64),
+                "rows": torch.tensor(items, dtype=torch.int64), "fields": fields}
+
+    def _load_live(self, epoch: int, items: list[int]) -> dict:
+        policy = self.policy
+        if policy.split == "train":  # a fresh draw every epoch, still a pure function of (seed, epoch, key)
+            policy = ViewPolicy(split="train", views_per_image=1, seed=self.seed * 1_000_003 + epoch,
+                                scale=policy.scale, ratio=policy.ratio, hflip=policy.hflip)
+        images = []
+        for i in items:
+            sample = self._samples[i]
+            view = policy.draw(sample["key"], sample["width"], sample["height"], self.render_spec.size)[0]
+            images.append(self._render(sample, view, None))
+        return {"images": torch.stack(images), "rows": torch.tensor(items, dtype=torch.int64), "fields": {},
+                "labels": torch.tensor([self._samples[i]["label"] for i in items], dtype=torch.int64)}
+
+    def _render(self, sample: dict, view: View, blob: bytes | None) -> torch.Tensor:
+        key = sample["key"]
+        where = self.source.where(key) if self.source is not None else f"{self.cache.root}:{key}"
+        if blob is None:
+            blob = self.source.read_key(key)
+        if hashlib.sha256(blob).hexdigest() != sample["sha256"]:
+            raise AttncacheError(f"image {where} differs from the one the cache was extracted from (sha256 "
+                                 "mismatch): its cached maps belong to other pixels")
+        r = self.render_spec
+        return render(open_image(blob, where), view, r.size, r.interpolation, r.mean, r.std)
+
+
+def make_loader(stream: ViewStream, workers: int, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over ready batches; with workers, persistent ones that read their position from shared
+    memory (see the module docstring), and a private generator so that no global RNG is drawn from."""
+    generator = torch.Generator().manual_seed(0)
+    if not workers:
+        return DataLoader(stream, batch_size=None, num_workers=0, generator=generator)
+    ctx = _worker_context()
+    epoch, start = stream._position
+    stream._position = ctx.Array("q", [epoch, start], lock=False)
+    return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory, generator=generator,
+                      multiprocessing_context=ctx, persistent_workers=True, prefetch_factor=4)
+
+
+def _worker_context():
+    """forkserver where available: workers fork from a clean server process that has imported torch and timm
+    once (cheap to start) but never opened a store (no inherited asyncio thread); spawn elsewhere."""
+    import multiprocessing as mp
+
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["attncache.train.loader", "timm"])
+    return ctx
+
+
+def batches(loader: DataLoader):
+    """Iterate a loader, turning a worker's reported error into an AttncacheError here."""
+    for batch in loader:
+        if "error" in batch:
+            raise AttncacheError(batch["error"])
+        yield batch
+
+
+def eval_stream(val_cache: Cache | None, source: Source | None, teacher, num_classes: int, batch_size: int,
+                with_maps: bool) -> ViewStream | None:
+    """The evaluation views: a val cache's (joined to `source` unless embedded), else timm's eval crops of
+    `source`'s images."""
+    if val_cache is None and source is None:
+        return None
+    common = dict(render_spec=RenderSpec.of(teacher), batch_size=batch_size, shuffle=False, source=source)
+    if val_cache is not None:
+        check_images(val_cache, source, "--val-cache", "--val-data")
+        stream = ViewStream(cache=val_cache, with_maps=with_maps, **common)
+        samples = val_cache.samples
+    else:
+        samples = [s.to_json() for s in source.scan()]
+        stream = ViewStream(samples=samples, policy=ViewPolicy(split="val", crop_pct=teacher.crop_pct), **common)
+    bad = next((s for s in samples if not 0 <= s["label"] < num_classes), None)
+    if bad is not None:
+        raise AttncacheError(f"validation sample {bad['key']!r}: label {bad['label']} outside the "
+                             f"{num_classes} training classes")
+    return stream
+
+
+SPOT_CHECKS = 8  # images hashed before a run starts (the rest are checked as they are read)
+
+
+def check_images(cache: Cache, source: Source | None, cache_flag: str, data_flag: str) -> None:
+    """Before training: every cached key is found in `source`, and a few of them hash to what was extracted."""
+    if cache.manifest["store"]["embed_images"]:
+        return
+    if source is None:
+        raise AttncacheError(f"{cache_flag} {cache.root} does not embed images: pass {data_flag}")
+    keys = [s["key"] for s in cache.samples]
+    missing = source.missing_keys(keys)
+    if missing:
+        raise AttncacheError(f"{data_flag} {source.description}: {len(missing)} cached image(s) not found, "
+                             f"e.g. {missing[0]!r}")
+    spread = np.linspace(0, len(keys) - 1, min(SPOT_CHECKS, len(keys))).astype(int)
+    for i in sorted(set(spread.tolist())):
+        sample = cache.samples[i]
+        if hashlib.sha256(source.read_key(sample["key"])).hexdigest() != sample["sha256"]:
+            raise AttncacheError(f"{data_flag} {source.where(sample['key'])}: differs from the image {cache_flag} "
+                                 f"{cache.root} was extracted from (sha256 mismatch): wrong {data_flag}?")

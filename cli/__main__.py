@@ -1,0 +1,3 @@
+from attncache_cli.main import main
+
+main()
