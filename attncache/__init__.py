@@ -1,12 +1,26 @@
-"""attncache: run a frozen ViT teacher once, cache its attention maps, train students from the cache."""
+"""attncache: run a frozen ViT teacher once, cache its attention maps, train students from the cache.
+
+The public API is imported on first use (`attncache.open_cache`, `attncache.ExtractConfig`, ...): `import attncache`
+and the modules a DataLoader worker needs stay light (no timm, no model code). The two stages are the subpackages
+`attncache.extract` (`extract.extract(ExtractConfig(...))`) and `attncache.train` (`train.train(TrainConfig(...))`).
+"""
+
+from importlib import import_module
 
 __version__ = "0.2.0"
 
-from .cache import Cache, CacheItem, open_cache  # noqa: E402
-from .errors import AttncacheError, CacheFormatError, RunInterrupted  # noqa: E402
-from .extract import ExtractConfig, extract  # noqa: E402
-from .teacher import TeacherOptions  # noqa: E402
-from .train import TrainConfig, train  # noqa: E402
+_API = {
+    "AttncacheError": ".errors", "CacheFormatError": ".errors", "RunInterrupted": ".errors",
+    "Cache": ".cache", "CacheItem": ".cache", "open_cache": ".cache",
+    "ExtractConfig": ".extract", "TeacherOptions": ".teacher", "TrainConfig": ".train",
+    "evaluate_run": ".eval", "verify_cache": ".tools.verify",
+}
+__all__ = sorted(_API)
 
-__all__ = ["AttncacheError", "Cache", "CacheFormatError", "CacheItem", "ExtractConfig", "RunInterrupted",
-           "TeacherOptions", "TrainConfig", "extract", "open_cache", "train"]
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(import_module(_API[name], __name__), name)
+    if name in ("extract", "train", "eval", "tools", "cache", "store", "codecs", "sources", "teacher", "views"):
+        return import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'attncache' has no attribute {name!r}")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .device import parse_device
 from .errors import AttncacheError
 from .files import StrictJSONError, read_json
 from .sources import open_source
@@ -31,10 +32,10 @@ def evaluate_run(run: str, val_cache: str | None = None, val_data: str | None = 
     val_cache = val_cache or student.options["val_cache"]
     val_data = val_data or student.options["val_data"]
     probs, labels, keys = student.predict(val_cache, val_data, batch_size, workers, storage_options)
-    results = {"run": str(student.run), "mode": student.mode.name, "weights": weights,
+    results = {"run": str(student.run), "mode": student.mode.name, "weights": student.file.name,
                **{f"student_{k}": v for k, v in accuracy(probs, labels).items()}}
     if ensemble_with is not None:
-        partner = TrainedStudent(ensemble_with, weights, device)
+        partner = TrainedStudent(ensemble_with, "model", device)  # --ema chooses the student's weights only
         p_probs, p_labels, p_keys = partner.predict(val_cache, val_data, batch_size, workers, storage_options)
         if p_keys != keys or not torch.equal(p_labels, labels):
             raise AttncacheError(f"--ensemble-with {ensemble_with}: evaluated on other images than the student")
@@ -57,10 +58,10 @@ class TrainedStudent:
             self.spec = StudentSpec(**config["student"])
         except (OSError, StrictJSONError, KeyError, TypeError) as exc:
             raise AttncacheError(f"{path}: not an attncache training run (no readable {CONFIG})") from exc
-        file = path if path.is_file() else self.run / f"{weights}.safetensors"
+        self.file = file = path if path.is_file() else self.run / f"{weights}.safetensors"
         if not file.is_file():
             raise AttncacheError(f"{file}: no such weights (is the run finished? with --ema it has ema.safetensors)")
-        self.device = torch.device(device)
+        self.device = parse_device(device)
         self.model = create_student(self.spec)
         try:
             self.model.load_state_dict(read_state_dict(file, "--checkpoint"))

@@ -46,6 +46,8 @@ class OneLineErrors(TyperGroup):
         except typer.TyperException as exc:  # click's usage errors (typer vendors click)
             if not standalone_mode:
                 raise
+            if type(exc).__name__ == "NoArgsIsHelpError":  # the help was printed: nothing wrong
+                sys.exit(0)
             ctx = getattr(exc, "ctx", None)
             hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
             typer.echo(_one_line(exc.format_message().replace("Value error, ", "")) + hint, err=True)
@@ -167,8 +169,7 @@ def inspect(cache: str = typer.Argument(..., help="cache directory or URL"),
 @app.command()
 def verify(cache: str = typer.Argument(..., help="cache directory or URL"),
            storage_option: StorageOption = []):  # noqa: B006
-    """Check every file's size and sha256 against the manifest, that nothing else is there, and that every shard
-    decodes."""
+    """Re-hash every file against the manifest, report any other file, decode each shard's first record."""
     from attncache.tools.verify import verify_cache
 
     try:
@@ -294,7 +295,7 @@ def bench_codecs(
     image_size: ImageSize = None, teacher_arg: TeacherArg = [],  # noqa: B006
     data: str = typer.Option("demo"), layers: str = typer.Option("all"),
     limit: int | None = typer.Option(None, help="use the first N images (one view each)"),
-    batch_size: int = typer.Option(8), device: str = typer.Option("cpu", help="where device_decode is measured"),
+    batch_size: int = typer.Option(8), device: Device = "cpu",
     codec: list[str] = typer.Option([], "--codec", help="NAME or NAME:KEY=VALUE,... (repeatable; default: a "
                                                         "sweep of every codec)"),
     repeats: int = typer.Option(2, help="timed passes; the best is reported"),
@@ -349,8 +350,7 @@ def bench_train(
     from attncache.tools.bench import TrainBench
     from attncache.tools.bench import bench_train as run
 
-    live = teacher_options(teacher, weights, pretrained, image_size, teacher_arg) \
-        if teacher or weights else None
+    live = teacher_options(teacher, weights, pretrained, image_size, teacher_arg)  # default: the cache's model
     try:
         result = run(TrainBench(cache=cache, data=data, out=str(out), teacher=live, mode=mode.value, layers=layers,
                                 batch_size=batch_size, steps=steps, warmup=warmup, workers=workers, device=device))
@@ -362,8 +362,7 @@ def bench_train(
 @app.command()
 def demo(out: Path = typer.Option(Path("demo_out"), help="where the demo writes its caches and runs"),
          epochs: int = typer.Option(30, help="training epochs of the teacher and of each student")):
-    """End to end on the embedded demo set: train a tiny teacher -> extract train/val caches -> verify ->
-    train scratch, copy and distill students from the cache -> results table."""
+    """End to end on the built-in images: tiny teacher -> caches -> verify -> students from the cache -> table."""
     from attncache.tools.demo import run_demo
 
     try:

@@ -8,8 +8,6 @@ from typing import Annotated
 
 import typer
 
-from attncache.teacher import TeacherOptions, parse_kwargs
-
 # The one set of teacher options (extract, train, bench): --teacher --weights --[no-]pretrained --image-size
 # --teacher-arg.
 TEACHER_HELP = "alias (mae_vitl, dinov2_vits14, demo, ...) or any timm ViT name"
@@ -25,14 +23,18 @@ TeacherArg = Annotated[list[str], typer.Option("--teacher-arg", help="timm kwarg
 StorageOption = Annotated[list[str], typer.Option("--storage-option",
                                                   help="fsspec option KEY=VALUE of a remote cache (repeatable)")]
 
-Device = Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N")]
+Device = Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N (teacher, student and decoding)")]
 
 
 def teacher_options(name: str | None, weights: Path | None, pretrained: bool, image_size: int | None,
-                    teacher_arg: list[str]) -> TeacherOptions:
+                    teacher_arg: list[str]):
+    from attncache.teacher import TeacherOptions, parse_kwargs
+
     return TeacherOptions(name=name, weights=str(weights) if weights else None, pretrained=pretrained,
                           image_size=image_size, args=parse_kwargs(teacher_arg))
 
 
 def storage_options(pairs: list[str]) -> dict:
+    from attncache.teacher import parse_kwargs
+
     return parse_kwargs(pairs, "--storage-option")

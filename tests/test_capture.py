@@ -101,3 +101,73 @@ def test_parse_layers(spec, depth, expected):
 def test_parse_layers_rejects(spec):
     with pytest.raises(AttncacheError, match="--layers"):
         parse_layers(spec, 4)
+
+
+def _attention_inputs(model, x, layers):
+    """Each captured block's attention input (norm1's output), recorded by a hook on a deep copy."""
+    import copy
+
+    model = copy.deepcopy(model)
+    inputs, handles = {}, []
+    for i in layers:
+        handles.append(model.blocks[i].attn.register_forward_pre_hook(
+            lambda m, a, i=i: inputs.__setitem__(i, a[0].detach().clone())))
+    return model, inputs, handles
+
+
+def test_amp_capture_forms_maps_in_fp32(tiny_teacher):
+    """Regression: under --amp the hooks ran inside autocast and formed the maps from bf16 q and k (logits off by
+    7e-4 on a real teacher, 10x the fp16 storage error) while the docs promised fp32 maps. Under autocast the
+    capture recomputes q and k in fp32 from the block's own input: the logits equal the plain float64 formula on
+    that input to fp32 round-off, where the bf16 ones the block itself used are far off."""
+    model, spec = _teacher(tiny_teacher)
+    x = _rendered_batch(tiny_teacher, spec)
+    probe, inputs, handles = _attention_inputs(model, x, [0, 1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        probe.forward_features(x)  # the same autocast forward, to see what each block received
+    for h in handles:
+        h.remove()
+    with AttentionCapture(model, [0, 1], "logits") as capture, torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = capture(x)
+    assert logits.dtype == torch.float32
+    for j, layer in enumerate([0, 1]):
+        attn = model.blocks[layer].attn
+        t = inputs[layer].double()
+        qkv = torch.nn.functional.linear(t, attn.qkv.weight.double(), attn.qkv.bias.double())
+        q, k = qkv.reshape(len(x), -1, 3, 4, 16).permute(2, 0, 3, 1, 4)[:2]
+        exact = (q * attn.scale) @ k.transpose(-2, -1)
+        err = (logits[:, j].double() - exact).abs().max().item()
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # what the block computes under autocast
+            bf16 = (attn.qkv(inputs[layer]).reshape(len(x), -1, 3, 4, 16).permute(2, 0, 3, 1, 4))
+        bf16_logits = ((bf16[0].float() * attn.scale) @ bf16[1].float().transpose(-2, -1)).double()
+        assert err < 1e-5 < (bf16_logits - exact).abs().max().item() / 10, err
+
+
+@pytest.mark.parametrize("payload", ["probs", "logits", "qk"])
+def test_capture_keeps_timms_fused_attention_and_leaves_no_trace(tiny_teacher, payload):
+    """Regression: capture switched the blocks to timm's explicit attention path, and `bench extract`'s "plain
+    inference" baseline timed that slower path with the hooks still attached (efficiency 1.23). The blocks keep
+    fused attention while capturing; after `close()` the model has no hook and computes what it did before."""
+    model, spec = _teacher(tiny_teacher)
+    x = _rendered_batch(tiny_teacher, spec, n=3)
+    fused = [blk.attn.fused_attn for blk in model.blocks]
+    with torch.no_grad():
+        before = model.forward_features(x)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting_sdpa(*a, **kw):
+        calls.append(1)
+        return sdpa(*a, **kw)
+
+    with AttentionCapture(model, [0, 1], payload) as capture:
+        torch.nn.functional.scaled_dot_product_attention = counting_sdpa
+        try:
+            capture(x)
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = sdpa
+    assert len(calls) == 2 and fused == [True, True]  # both captured blocks ran timm's fused kernel
+    assert [blk.attn.fused_attn for blk in model.blocks] == fused
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(x), before)

@@ -135,11 +135,33 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, tiny_teacher, other_
     assert not (tmp_path / "fresh").exists()  # no error left a half-made cache behind
 
 
-def test_cli_usage_errors_are_not_tracebacks():
-    result = runner.invoke(app, ["extract", "--teacher", "demo"])  # missing required options
-    assert result.exit_code == 2 and "Missing option" in result.output
-    result = runner.invoke(app, ["extract", "--teacher", "demo", "--data", "demo", "--out", "x", "--format", "npz"])
-    assert result.exit_code == 2 and "npz" in result.output
+@pytest.mark.parametrize(("args", "culprit"), [
+    (["train", "--mode", "distil", "--out", "x"], "Invalid value for '--mode': 'distil' is not one of"),
+    (["extract", "--teacher", "demo"], "Missing option '--data'"),
+    (["extract", "--teacher", "demo", "--data", "demo", "--out", "x", "--format", "npz"], "'npz'"),
+    (["inspect"], "Missing argument 'cache'"),
+    (["train", "--mode", "copy", "--out", "x", "--epochs", "ten"], "Invalid value for '--epochs'"),
+    (["bench", "codecs", "--nope"], "No such option: --nope"),
+])
+def test_usage_errors_are_one_line(args, culprit):
+    """Regression: typer's usage errors were 5-line boxes (`--mode distil`)."""
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+    assert culprit in result.stderr and "--help" in result.stderr and result.stdout == ""
+
+
+def test_version_and_the_real_entry_point():
+    import subprocess
+    import sys
+
+    import attncache
+
+    assert runner.invoke(app, ["--version"]).stdout == f"attncache {attncache.__version__}\n"
+    proc = subprocess.run([sys.executable, "-m", "attncache", "train", "--mode", "distil", "--out", "x"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("error: Invalid value for '--mode'")
 
 
 def test_train_and_eval_commands(cli_cache, tmp_path):

@@ -151,20 +151,49 @@ def test_qk_codec_round_trip_from_logits_formula():
 
 def _train(tmp_path, name, mode, cache, data, **kw) -> list[float]:
     """One epoch (6 images: 3 steps of 2 views) from `cache`, no evaluation; the per-step training losses."""
+    return [r["loss"] for r in _train_metrics(tmp_path, name, mode, cache, data, **kw)]
+
+
+def _train_metrics(tmp_path, name, mode, cache, data, **kw) -> list[dict]:
     cfg = TrainConfig(mode=mode, out=str(tmp_path / name), cache=str(cache), data=str(data), epochs=1,
                       batch_size=2, workers=0, progress=False, log_every=1, lr=1e-3, **kw)
     Trainer(cfg, evaluate=False).run()
-    return [r["loss"] for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+    return [r for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
             if r["kind"] == "train"]
 
 
-@pytest.mark.parametrize("key,mode", [(("qk", '{"bits": 8}'), "copy"), (("sqrtq", '{"bits": 8}'), "distill"),
-                                      (("lowrank", '{"rank": 4, "bits": 8}'), "gta")])
-def test_train_from_compact_cache(codec_caches, tiny_teacher, image_folder, tmp_path, key, mode):
-    # gta fine-tunes the teacher
-    weights = {"teacher": TeacherOptions(weights=str(tiny_teacher.weights))} if mode == "gta" else {}
-    losses = _train(tmp_path, "run", mode, codec_caches[key], image_folder, **weights)
-    assert len(losses) == 3 and np.isfinite(losses).all()
+@pytest.fixture(scope="module")
+def logits_fp32(tmp_path_factory, tiny_teacher, image_folder):
+    out = tmp_path_factory.mktemp("logits_fp32") / "cache"
+    extract(tiny_teacher.config(image_folder, out, views=2, codec="fp32", payload="logits", records_per_shard=5))
+    return out
+
+
+# compact cache, mode, exact reference cache, tolerance on the per-step losses (from the codec's error bound)
+COMPACT_RUNS = [(("qk", '{"bits": 8}'), "copy", "probs", 2e-4), (("sqrtq", '{"bits": 8}'), "distill", "probs", 1e-3),
+                (("lowrank", '{"rank": 4, "bits": 8}'), "gta", "logits", 3e-4)]
+
+
+@pytest.mark.parametrize("key,mode,reference,tol", COMPACT_RUNS, ids=[r[1] for r in COMPACT_RUNS])
+def test_train_from_compact_cache(codec_caches, tiny_teacher, image_folder, tmp_path, monkeypatch, key, mode,
+                                  reference, tol, folder_fp32_zarr, logits_fp32):
+    """Regression (the old test passed with all-zero maps): training from a compact cache follows training from
+    the exact fp32 cache step for step, within the codec's error, and the same run with the decoded maps zeroed
+    falls outside that tolerance, so the comparison can tell maps that mean something from maps that do not."""
+    from attncache.cache import Cache
+
+    kw = {"teacher": TeacherOptions(weights=str(tiny_teacher.weights))} if mode == "gta" else {}  # gta fine-tunes
+    exact = _train_metrics(tmp_path, "exact", mode, folder_fp32_zarr if reference == "probs" else logits_fp32,
+                           image_folder, **kw)
+    compact = _train_metrics(tmp_path, "compact", mode, codec_caches[key], image_folder, **kw)
+    decode = Cache.decode
+    monkeypatch.setattr(Cache, "decode", lambda self, fields, device="cpu": decode(self, fields, device) * 0)
+    zeroed = _train_metrics(tmp_path, "zeroed", mode, codec_caches[key], image_folder, **kw)
+    assert len(exact) == len(compact) == len(zeroed) == 3
+    term = "loss" if mode == "copy" else "transfer"  # copy has no transfer term: its maps act through the loss
+    gap = max(abs(a[term] - b[term]) for a, b in zip(compact, exact, strict=True))
+    sabotage = max(abs(a[term] - b[term]) for a, b in zip(zeroed, exact, strict=True))
+    assert gap < tol < sabotage, (gap, sabotage)
 
 
 def test_qk_cache_trains_like_the_exact_cache(codec_caches, folder_fp32_zarr, image_folder, tmp_path):

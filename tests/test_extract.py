@@ -15,7 +15,8 @@ import torch
 from conftest import FOLDER_IMAGES, make_image_folder, reference_maps, render_sample
 from safetensors.torch import load_file
 
-from attncache import AttncacheError, extract, open_cache
+from attncache import AttncacheError, open_cache
+from attncache.extract import extract
 from attncache.store import WRITERS
 from attncache.teacher import TeacherOptions
 from attncache.tools.verify import verify_cache
@@ -450,3 +451,59 @@ def test_damaged_finished_cache_is_repaired_keeping_intact_shards(uninterrupted,
     assert _shard_sha(repaired) == _shard_sha(full)
     assert not (out / ".progress").exists()
     verify_cache(str(out))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# resume cost: what is left, not a full pass
+
+
+def _count_reads(monkeypatch):
+    from attncache.sources import DemoSource
+
+    reads: list[int] = []
+    original = DemoSource.read_index
+    monkeypatch.setattr(DemoSource, "read_index", lambda self, i: reads.append(i) or original(self, i))
+    hashed: list[str] = []
+    record = extract_mod.plans.file_record
+    monkeypatch.setattr(extract_mod.plans, "file_record", lambda out, rel: hashed.append(rel) or record(out, rel))
+    return reads, hashed
+
+
+def test_rerunning_a_finished_cache_reads_no_image_and_hashes_no_file(tmp_path, tiny_teacher, monkeypatch):
+    """Regression: a re-run re-hashed the whole cache and decoded every image again (hours on ImageNet) before
+    saying there was nothing to do. Now it lists the images, compares the plan and checks file sizes."""
+    cfg = _resume_config(tiny_teacher, tmp_path / "cache", "zarr")
+    first = extract(cfg)
+    reads, hashed = _count_reads(monkeypatch)
+    assert extract(cfg) == first
+    assert reads == [] and hashed == []
+
+
+def test_resuming_reads_only_the_images_of_unfinished_shards(tmp_path, tiny_teacher, monkeypatch):
+    cfg = _resume_config(tiny_teacher, tmp_path / "cache", "wds")  # 16 images, 4 shards of 4 records (view-major)
+
+    def interrupt(index):
+        if index == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract(cfg, on_shard=interrupt)
+    reads, hashed = _count_reads(monkeypatch)
+    extract(cfg)
+    assert sorted(reads) == list(range(8, 16))  # rows 8..15 = images 8..15: the scan re-read nothing
+    assert sorted(hashed) == ["shards/shard-000002.tar", "shards/shard-000003.tar"]  # complete shards: by stat
+
+
+def test_embedded_images_are_found_without_rescanning_the_shard(folder_fp16_wds, monkeypatch):
+    """Regression: `read_images` scanned every member of a shard for each row it read."""
+    import tarfile
+
+    from attncache import open_cache
+
+    opened = []
+    original = tarfile.open
+    monkeypatch.setattr(tarfile, "open", lambda *a, **kw: opened.append(1) or original(*a, **kw))
+    cache = open_cache(str(folder_fp16_wds))
+    images = cache.reader.read_images(list(range(12)))
+    assert len(opened) == 3  # one index per shard (3 shards), whatever the number of rows read
+    assert [hashlib.sha256(b).hexdigest() for b in images] == [cache.sample(r)["sha256"] for r in range(12)]

@@ -348,3 +348,80 @@ def test_zarr_missing_shard_is_an_error_not_zeros(zarr_copy):
         cache.read_rows([7])
     with pytest.raises(CacheFormatError, match=": missing"):
         cache["bee/b1.png", 1]  # row 9, shard 1
+
+
+def _paths(node, prefix=()):
+    """Every (path, value) in a JSON tree, parents before children."""
+    yield prefix, node
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _paths(v, (*prefix, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node[:3]):  # the first few items of a list stand for the rest
+            yield from _paths(v, (*prefix, i))
+
+
+MUTATIONS = [("delete", None), ("unknown key", None), ("null", None), ("string", "x"), ("negative", -1),
+             ("huge", 2**70), ("float", 1e308), ("bool", True), ("list", []), ("object", {})]
+
+
+def _mutated(m: dict, path: tuple, how: str, value):
+    m = copy.deepcopy(m)
+    if not path:
+        return None
+    parent = m
+    for p in path[:-1]:
+        parent = parent[p]
+    key = path[-1]
+    if how == "delete":
+        if isinstance(parent, list):
+            parent.pop(key)
+        else:
+            del parent[key]
+    elif how == "unknown key":
+        if not isinstance(parent[key], dict):
+            return None
+        parent[key]["surprise"] = 1
+    else:
+        parent[key] = copy.deepcopy(value)
+    return m
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "wds"])
+def test_every_malformed_manifest_field_gets_the_one_line_error(request, fmt):
+    """Regression: a manifest with a missing or extra `teacher` key raised TypeError out of TeacherSpec.from_json
+    and `inspect` printed a traceback. Every field of the manifest is deleted, given an unknown key, or replaced by
+    a value of another type or range; opening, summarising, and reading the cache then either works or raises the
+    one-line CacheFormatError: no other exception escapes."""
+    root = request.getfixturevalue(f"{fmt}_copy")
+    good = _manifest(root)
+    tried = refused = 0
+    for path, _ in list(_paths(good)):
+        for how, value in MUTATIONS:
+            m = _mutated(good, path, how, value)
+            if m is None:
+                continue
+            (root / "manifest.json").write_text(json.dumps(m))
+            tried += 1
+            try:
+                cache = open_cache(str(root))
+                cache.summary()
+                cache.read_rows([0, len(cache) - 1])
+                _ = cache.samples, cache.views
+            except CacheFormatError as exc:
+                assert "\n" not in str(exc) and len(str(exc)) < 600, str(exc)
+                refused += 1
+    assert tried > 500 and refused > 0.9 * tried, (tried, refused)
+
+
+def test_inspect_of_a_manifest_without_a_teacher_field_is_one_line(wds_copy):
+    from attncache_cli.main import app
+    from typer.testing import CliRunner
+
+    m = _manifest(wds_copy)
+    del m["teacher"]["crop_pct"]
+    m["teacher"]["extra_field"] = 1
+    (wds_copy / "manifest.json").write_text(json.dumps(m))
+    result = CliRunner().invoke(app, ["inspect", str(wds_copy)])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.output
+    assert result.stderr.startswith(f"error: {wds_copy}/manifest.json: teacher: ")

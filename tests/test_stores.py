@@ -9,11 +9,13 @@ import tarfile
 
 import numcodecs
 import numpy as np
+import pytest
 import torch
 import zarr
 from conftest import FOLDER_IMAGES
 
 from attncache import open_cache
+from attncache.sources import open_source
 
 
 def test_zarr_and_wds_fp16_round_trip_bit_exactly(folder_fp32_zarr, folder_fp16_zarr, folder_fp16_wds):
@@ -112,7 +114,7 @@ def test_webdataset_source_with_embedded_images(tmp_path, tiny_teacher):
     import webdataset as wds
     from conftest import image_bytes
 
-    from attncache import extract
+    from attncache.extract import extract
 
     src = tmp_path / "src-000000.tar"
     images = {}
@@ -135,3 +137,35 @@ def test_webdataset_source_with_embedded_images(tmp_path, tiny_teacher):
         assert json.loads(r["json"])["key"] == key
         assert r[ext] == data
         assert {k for k in r if not k.startswith("__")} == {"json", "maps", ext}
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "wds"])
+def test_storage_options_reach_every_reader(request, tmp_path, fmt, image_folder):
+    """Regression: storage options reached the manifest but not the shard readers, nor the loader's workers
+    (which reopened the cache by its URL alone). fsspec's `dir://` filesystem cannot resolve a path without
+    its options, like an object store without its credentials: every read, in every process, must carry them."""
+    from attncache import AttncacheError
+    from attncache.tools.verify import verify_cache
+    from attncache.train import TrainConfig, train
+    from attncache.train.loader import RenderSpec, ViewStream, batches, make_loader
+
+    local_dir = request.getfixturevalue(f"folder_fp16_{fmt}")
+    url, options = f"dir://{local_dir.name}", {"path": str(local_dir.parent), "target_protocol": "file"}
+    with pytest.raises(AttncacheError, match=f"^{url}: cannot open"):
+        open_cache(url)
+    remote, local = open_cache(url, options), open_cache(str(local_dir))
+    rows = list(range(len(local)))
+    assert torch.equal(remote.read_rows(rows), local.read_rows(rows))
+    assert verify_cache(url, options)["records"] == 12
+
+    def streamed(cache):
+        s = ViewStream(cache=cache, render_spec=RenderSpec.of(cache.teacher), batch_size=2, shuffle=True,
+                       source=open_source(str(image_folder)) if fmt == "zarr" else None)
+        s.set_position(1)
+        return [(b["rows"].tolist(), b["fields"]["maps"]) for b in batches(make_loader(s, workers=2))]
+
+    for (r1, f1), (r2, f2) in zip(streamed(remote), streamed(local), strict=True):
+        assert r1 == r2 and torch.equal(f1, f2)
+    common = dict(mode="distill", data=str(image_folder), epochs=1, batch_size=2, workers=2, progress=False)
+    via_url = train(TrainConfig(cache=url, storage_options=options, out=str(tmp_path / "url"), **common))
+    assert via_url == train(TrainConfig(cache=str(local_dir), out=str(tmp_path / "local"), **common))

@@ -155,3 +155,64 @@ def test_parse_kwargs():
         "patch_size": 8, "qkv_bias": False, "drop_rate": 0.0, "act_layer": "gelu"}
     with pytest.raises(AttncacheError, match="KEY=VALUE"):
         parse_kwargs(["depth"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# regressions from the foundation review
+
+
+DIFF = dict(patch_size=8, depth=1, embed_dim=32, num_heads=2)
+
+
+def test_attention_variants_are_refused_by_type_not_by_attribute_names():
+    """Regression: the teacher check was duck-typed (q_norm, k_norm, scale, num_heads), so timm's DiffAttention
+    models passed and captured 8 "heads" for a 4-head manifest. Only timm's standard Attention is accepted."""
+    from timm.layers import Attention
+
+    from attncache.train.student import StudentSpec, create_student
+
+    diff = TeacherOptions("vit_dwee_patch16_reg1_gap_256", pretrained=False, image_size=32, args=DIFF)
+    with pytest.raises(AttncacheError, match="block 0: attention DiffAttention is not timm's standard Attention"):
+        diff.build()
+    # as a student, passing attn_layer= would silently replace DiffAttention: the architecture is checked first
+    with pytest.raises(AttncacheError, match="DiffAttention is not timm's standard Attention"):
+        create_student(StudentSpec("vit_dwee_patch16_reg1_gap_256", DIFF, 32, 3))
+
+    class LooksLikeAttention(Attention):  # same attributes, other maps
+        def forward(self, x, attn_mask=None, is_causal=False):
+            return super().forward(x.flip(1), attn_mask, is_causal)
+
+    opts = TeacherOptions(TINY_VIT["name"], pretrained=False, image_size=32,
+                          args={**TINY_VIT["args"], "attn_layer": LooksLikeAttention})
+    with pytest.raises(AttncacheError, match="LooksLikeAttention is not timm's standard Attention"):
+        opts.build()
+
+
+def test_unreachable_hub_fails_in_seconds_with_one_line(monkeypatch):
+    """Regression: an offline hub teacher retried for 56 s before failing. The download host is probed first
+    (here a closed local port stands for the hub, whatever the machine's network)."""
+    import time
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")  # nothing cached either
+    start = time.perf_counter()
+    with pytest.raises(AttncacheError, match=r"cannot reach 127.0.0.1 to download the weights of "
+                                             r"'vit_tiny_patch16_224.augreg_in21k' \(offline\?\): pass --weights"):
+        TeacherOptions("vit_tiny_patch16_224.augreg_in21k", pretrained=True).build()
+    assert time.perf_counter() - start < 10
+
+
+@pytest.mark.parametrize(("content", "match"), [
+    (b"\x00" * 100, "not a .safetensors file or a torch checkpoint"),
+    (bytes(range(256)) * 4, "not a .safetensors file or a torch checkpoint"),
+    (b"PK\x03\x04" + bytes(200), "a damaged torch file"),
+    (b"\x80\x02" + b"junk" * 50, "a truncated or damaged pickle file"),
+    (b"\x10\x00\x00\x00\x00\x00\x00\x00{" + b"x" * 40, "a damaged safetensors file"),
+])
+def test_junk_weights_get_a_message_that_says_what_is_wrong(tmp_path, tiny_teacher, content, match):
+    """Regression: junk weights gave `cannot read weights (174812789)`."""
+    path = tmp_path / "w.pth"
+    path.write_bytes(content)
+    with pytest.raises(AttncacheError, match=f"--weights {path}: cannot read weights: {match}") as info:
+        _build(tiny_teacher, path)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 300

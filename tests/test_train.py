@@ -151,14 +151,41 @@ def test_baselines_with_live_views(tmp_path, tiny_teacher, image_folder):
 
 
 def test_eval_and_ensemble(tmp_path, tiny_teacher, image_folder, folder_fp32_zarr, val_fp32):
-    common = dict(val_cache=str(val_fp32), val_data=str(image_folder))
+    """`attncache eval` top-1 and the ensemble's, against the same numbers computed without attncache: timm
+    models loaded from the runs' safetensors, on the val cache's views rendered by hand."""
+    import timm
+    from conftest import render_sample
+
+    from attncache import open_cache
+
+    common = dict(val_cache=str(val_fp32), val_data=str(image_folder), epochs=3, lr=3e-3)
     copy = train(config(tmp_path, "copy", "copy", folder_fp32_zarr, image_folder, **common))
+    train(config(tmp_path, "scratch", "scratch", folder_fp32_zarr, image_folder, **common))
     train(config(tmp_path, "ft", "finetune", folder_fp32_zarr, image_folder,
-                 teacher=TeacherOptions(weights=str(tiny_teacher.weights)),
-                 **common))
-    result = evaluate_run(str(tmp_path / "copy"), ensemble_with=str(tmp_path / "ft"))
-    assert result["student_top1"] == copy["val_top1"] and result["student_images"] == 6
-    assert {"finetuned_top1", "ensemble_top1"} <= set(result)
+                 teacher=TeacherOptions(weights=str(tiny_teacher.weights)), **common))
+    assert evaluate_run(str(tmp_path / "copy"))["student_top1"] == copy["val_top1"]
+    result = evaluate_run(str(tmp_path / "scratch"), ensemble_with=str(tmp_path / "ft"))
+
+    cache = open_cache(str(val_fp32))
+    x = torch.stack([render_sample((image_folder / s["key"]).read_bytes(), cache.views[i], cache.teacher)
+                     for i, s in enumerate(cache.samples)])
+    labels = torch.tensor([s["label"] for s in cache.samples])
+    probs = {}
+    for name in ("scratch", "ft"):
+        model = timm.create_model(tiny_teacher.name, num_classes=3, img_size=32, **tiny_teacher.args).eval()
+        model.load_state_dict(weights(tmp_path / name))
+        with torch.no_grad():
+            probs[name] = model(x).softmax(-1)
+
+    def top1(p):
+        return 100.0 * (p.argmax(-1) == labels).float().mean().item()
+
+    assert result["student_top1"] == pytest.approx(top1(probs["scratch"]), abs=1e-9)
+    assert result["finetuned_top1"] == pytest.approx(top1(probs["ft"]), abs=1e-9)
+    assert result["ensemble_top1"] == pytest.approx(top1((probs["scratch"] + probs["ft"]) / 2), abs=1e-9)
+    nll = -((probs["scratch"] + probs["ft"]) / 2).log().gather(1, labels[:, None]).mean().item()
+    assert result["ensemble_loss"] == pytest.approx(nll, rel=1e-5)
+    assert result["student_images"] == result["ensemble_images"] == 6
     with pytest.raises(AttncacheError, match="needs the teacher's maps"):
         _eval_without_cache(tmp_path / "copy", image_folder)
 
@@ -233,3 +260,71 @@ def test_gta_from_a_cls_rows_cache(tmp_path, tiny_teacher, image_folder, logits_
     with pytest.raises(AttncacheError, match="keeps only \\[CLS\\]-query rows; --mode copy needs whole maps"):
         train(config(tmp_path, "copy_cls", "copy", cls_cache, image_folder, val_cache=str(cls_cache),
                      val_data=str(image_folder)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# regressions from the foundation review
+
+
+def test_a_failed_run_never_blocks_the_corrected_command(tmp_path, image_folder, folder_fp32_zarr, val_fp32,
+                                                         monkeypatch):
+    """Regression: an image's sha256 mismatch was found after config.json was written, and re-running with the
+    right --data was refused ("holds another training run"). Now (a) a spread of images is hashed before the run
+    directory is claimed, and (b) a mismatch found later, before any checkpoint, leaves a run that the corrected
+    command re-claims: it ends as a clean run does."""
+    import attncache.train.loader as loader
+
+    wrong = make_image_folder(tmp_path / "wrong")
+    (wrong / "cat" / "c1.png").write_bytes((wrong / "cat" / "c0.jpg").read_bytes())
+    kw = dict(val_cache=str(val_fp32), val_data=str(image_folder))
+    with pytest.raises(AttncacheError, match=r"wrong/cat/c1.png: differs from the image --cache"):
+        train(config(tmp_path, "run", "copy", folder_fp32_zarr, wrong, **kw))
+    assert not (tmp_path / "run").exists()  # (a): nothing claimed
+
+    monkeypatch.setattr(loader, "SPOT_CHECKS", 1)  # as on a large dataset: the bad image is not spot-checked
+    with pytest.raises(AttncacheError, match=r"wrong/cat/c1.png differs from the one the cache was extracted"):
+        train(config(tmp_path, "run", "copy", folder_fp32_zarr, wrong, **kw))
+    assert (tmp_path / "run" / "config.json").exists() and not (tmp_path / "run" / "checkpoints").exists()
+    fixed = train(config(tmp_path, "run", "copy", folder_fp32_zarr, image_folder, **kw))  # (b): re-claimed
+    clean = train(config(tmp_path, "clean", "copy", folder_fp32_zarr, image_folder, **kw))
+    assert fixed == clean
+    assert_same_weights(tmp_path / "run", tmp_path / "clean")
+
+
+def test_finetune_without_weights_fails_at_once(tmp_path, tiny_teacher, image_folder, folder_fp32_zarr):
+    """Regression: `--mode finetune --no-pretrained` ignored --no-pretrained and spent 52 s on hub retries."""
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(AttncacheError, match="--mode finetune starts from the teacher's weights: pass --weights"):
+        train(config(tmp_path, "ft", "finetune", folder_fp32_zarr, image_folder,
+                     teacher=TeacherOptions(pretrained=False)))
+    assert time.perf_counter() - start < 2 and not (tmp_path / "ft").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_files_honour_the_umask(tmp_path, tiny_teacher, image_folder, umask):
+    """Regression: manifest.json, samples.jsonl, views.jsonl (and checkpoints) were written 0600, so a cache
+    meant for sharing was unreadable by the group. Every file gets 0666 minus the umask, as any file a user
+    creates."""
+    import os
+
+    import attncache.files as files
+
+    monkey_umask = os.umask(umask)
+    files._umask = None  # read again
+    try:
+        cache = tmp_path / "cache"
+        extract(tiny_teacher.config(image_folder, cache, layers="0", records_per_shard=5, format="wds"))
+        run = tmp_path / "run"
+        train(config(tmp_path, "run", "distill", cache, image_folder, max_steps=2, save_every=1))
+        train(config(tmp_path, "run", "distill", cache, image_folder))
+    finally:
+        os.umask(monkey_umask)
+        files._umask = None
+    paths = [p for root in (cache, run) for p in root.rglob("*") if p.is_file()]
+    assert {p.name for p in paths} >= {"manifest.json", "samples.jsonl", "views.jsonl", "shard-000000.tar",
+                                       "config.json", "metrics.jsonl", "last.pt", "model.safetensors",
+                                       "results.json"}
+    for p in paths:
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p

@@ -12,9 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from .. import __version__
+from ..device import parse_device
 from ..files import atomic_write_bytes, atomic_write_json, dumps_canonical, remove_partials
 from ..rundir import FINISHED
 from ..sources import open_source
@@ -47,7 +46,7 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, s
     codec = check_options(cfg)
     out = Path(cfg.out)
     plans.check_out_is_free(out)
-    device = torch.device(cfg.device)
+    device = parse_device(cfg.device)
     model, spec = cfg.teacher.build(device)
     layers = parse_layers(cfg.layers, spec.depth)
     payload = cfg.payload or codec.payloads[0]

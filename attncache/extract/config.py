@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from ..codecs import Codec, get_codec
+from ..device import parse_device
 from ..errors import AttncacheError
 from ..store.format import STORE_FORMATS
 from ..teacher import PAYLOADS, TeacherOptions
@@ -49,8 +48,7 @@ def check_options(cfg: ExtractConfig) -> Codec:
         raise AttncacheError(f"--shard-records {cfg.records_per_shard}: must be >= 1")
     if cfg.limit is not None and cfg.limit < 1:
         raise AttncacheError(f"--limit {cfg.limit}: must be >= 1")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise AttncacheError(f"--device {cfg.device}: CUDA is not available on this machine")
+    parse_device(cfg.device)
     codec = get_codec(cfg.codec, **cfg.codec_params)
     if cfg.payload is not None and cfg.payload not in PAYLOADS:
         raise AttncacheError(f"--payload {cfg.payload!r}: expected one of {PAYLOADS}")

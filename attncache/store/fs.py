@@ -9,6 +9,7 @@ or a device is refused, never opened.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
@@ -26,10 +27,11 @@ class CacheFS:
         self.storage_options = dict(storage_options or {})
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
-        except (ImportError, ValueError) as exc:  # an unknown scheme, a filesystem whose package is missing
-            raise AttncacheError(f"{self.url}: cannot open ({exc})") from exc
+        except Exception as exc:  # noqa: BLE001 - an unknown scheme, a missing package, options it cannot use
+            detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise AttncacheError(f"{self.url}: cannot open ({type(exc).__name__}: {detail})") from exc
         self.root = self.root.rstrip("/") or "/"
-        self.local = isinstance(self.fs, LocalFileSystem)
+        self.local = type(self.fs) is LocalFileSystem  # a subclass or wrapper may add rules: go through fsspec
 
     def __reduce__(self):
         return CacheFS, (self.url, self.storage_options)
@@ -45,7 +47,7 @@ class CacheFS:
 
     def read(self, rel: str, limit: int) -> bytes:
         """The whole file, refusing one larger than `limit` bytes."""
-        with self.open(rel) as f:
+        with self.guard(rel), self.open(rel) as f:
             data = f.read(limit + 1)
         if len(data) > limit:
             raise CacheFormatError(f"{self.where(rel)}: larger than {limit} bytes")
@@ -60,10 +62,8 @@ class CacheFS:
             finally:
                 os.close(fd)
         else:
-            try:
+            with self.guard(rel):
                 data = self.fs.cat_file(self.path(rel), start=start, end=end)
-            except FileNotFoundError as exc:
-                raise CacheFormatError(f"{self.where(rel)}: missing") from exc
         if len(data) != end - start:
             raise CacheFormatError(f"{self.where(rel)}: truncated (wanted bytes {start}..{end})")
         return data
@@ -72,10 +72,8 @@ class CacheFS:
         """A binary file object for reading (a regular file inside the root, on a local disk)."""
         if self.local:
             return os.fdopen(self._open_local(rel), "rb")
-        try:
+        with self.guard(rel):
             return self.fs.open(self.path(rel), "rb")
-        except FileNotFoundError as exc:
-            raise CacheFormatError(f"{self.where(rel)}: missing") from exc
 
     def size(self, rel: str) -> int:
         if self.local:
@@ -84,18 +82,17 @@ class CacheFS:
                 return os.fstat(fd).st_size
             finally:
                 os.close(fd)
-        try:
+        with self.guard(rel):
             return int(self.fs.size(self.path(rel)))
-        except FileNotFoundError as exc:
-            raise CacheFormatError(f"{self.where(rel)}: missing") from exc
 
     def exists(self, rel: str) -> bool:
-        return self.fs.exists(self.path(rel))
+        with self.guard(rel):
+            return self.fs.exists(self.path(rel))
 
     def sha256(self, rel: str, limit: int) -> tuple[int, str]:
         """(size, sha256) of a file, reading at most `limit` + 1 bytes."""
         h, n = hashlib.sha256(), 0
-        with self.open(rel) as f:
+        with self.guard(rel), self.open(rel) as f:
             while block := f.read(min(1 << 22, limit + 1 - n)):
                 h.update(block)
                 n += len(block)
@@ -105,9 +102,24 @@ class CacheFS:
 
     def files(self) -> list[str]:
         """Every file below the root, as relative paths (what `verify` compares with the manifest)."""
-        found = self.fs.find(self.root, withdirs=False)
+        with self.guard(""):
+            found = self.fs.find(self.root, withdirs=False)
         prefix = self.root.rstrip("/") + "/"
         return sorted(p[len(prefix):] if p.startswith(prefix) else p for p in found)
+
+    @contextlib.contextmanager
+    def guard(self, rel: str):
+        """Errors while opening or reading `rel` as one line naming the file (a missing file, a refused
+        connection, bad options: each filesystem raises its own types, some only on the first read)."""
+        try:
+            yield
+        except FileNotFoundError as exc:
+            raise CacheFormatError(f"{self.where(rel)}: missing") from exc
+        except AttncacheError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - each filesystem raises its own types
+            detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise AttncacheError(f"{self.where(rel)}: cannot read ({type(exc).__name__}: {detail})") from exc
 
     def _open_local(self, rel: str) -> int:
         path = self.path(rel)

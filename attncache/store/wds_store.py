@@ -65,7 +65,7 @@ class WdsReader(StoreReader):
         if shard not in self._index:
             rel = wds_shard_name(shard)
             members: dict[str, dict[str, tuple[int, int]]] = {}
-            with self.fs.open(rel) as f:
+            with self.fs.guard(rel), self.fs.open(rel) as f:
                 try:
                     with tarfile.open(fileobj=f, mode="r:") as tar:
                         for m in tar:

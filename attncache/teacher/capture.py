@@ -144,4 +144,5 @@ def _qk_fp32(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
         bias = attn.qkv.bias.float() if attn.qkv.bias is not None else None
         qkv = F.linear(x.float(), attn.qkv.weight.float(), bias)
         qkv = qkv.reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        return attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+        # .forward, not __call__: the norms carry this capture's own hooks
+        return attn.q_norm.forward(qkv[0]), attn.k_norm.forward(qkv[1])

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..codecs import get_codec
+from ..device import parse_device
 from ..errors import AttncacheError
 from ..extract import ExtractConfig, extract
 from ..files import atomic_write_json
@@ -98,7 +99,7 @@ class BenchDir:
 
 
 def bench_extract(b: ExtractBench) -> dict:
-    device = torch.device(b.device)
+    device = parse_device(b.device)
     codec = get_codec(b.codec, **b.codec_params)
     payload = codec.payloads[0]
     work = BenchDir(b.out, "bench_extract.json", ("encode", "extract"))
@@ -202,7 +203,7 @@ def bench_train(b: TrainBench) -> dict:
     from ..train import TrainConfig, Trainer
     from ..train.loader import batches, make_loader
 
-    device = torch.device(b.device)
+    device = parse_device(b.device)
     cache = open_cache(b.cache)
     teacher = replace(b.teacher or TeacherOptions(), name=(b.teacher and b.teacher.name) or cache.teacher.model)
     work = BenchDir(b.out, "bench_train.json", ("cached", "live"))
@@ -330,7 +331,7 @@ def parse_codec_spec(spec: str) -> tuple[str, dict]:
 
 
 def bench_codecs(b: CodecBench) -> dict:
-    device = torch.device(b.device)
+    device = parse_device(b.device)
     codecs = []  # bad names and parameters fail before the teacher runs
     for codec_spec in b.codecs:
         name, params = parse_codec_spec(codec_spec)
@@ -418,11 +419,12 @@ def _device_decode_rate(codec, unpacked, payload, device, repeats) -> float:
 def row_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Per row, in float64: Σ_j p log(p/q) − p + q, the KL(p ‖ q) extended to rows that do not sum to one exactly
     (fp16 maps). Every term is ≥ 0 by construction (x log x − x + 1 ≥ 0, computed through log1p so that rows equal
-    up to round-off give tiny positive terms, never negative ones). Decoded entries below 1e-30 count as 1e-30."""
-    p, q = p.double(), q.double().clamp_min(1e-30)
-    delta = (p - q) / q
-    terms = torch.where(p == 0, q, q * ((1 + delta) * torch.log1p(delta) - delta))
-    return terms.sum(-1)
+    up to round-off give tiny positive terms, never negative ones). Entries below 1e-30 count as 1e-30."""
+    p, q = p.double().clamp_min(1e-30), q.double().clamp_min(1e-30)
+    r, delta = p / q, (p - q) / q
+    near = (1 + delta) * torch.log1p(delta) - delta  # r = 1 + delta close to 1: no cancellation
+    far = torch.xlogy(r, r) - r + 1  # r far from 1 (r = 0 included): nothing cancels
+    return (q * torch.where(delta.abs() < 0.5, near, far)).sum(-1)
 
 
 def _errors(reference: list[torch.Tensor], decoded: list[torch.Tensor], query_rows: str) -> dict:

@@ -1,14 +1,15 @@
 """`attncache train`: students from a cache (or a live teacher). config.py (options), modes.py (the mode table),
 student.py, losses.py, maps.py (teacher targets), loader.py (batches), engine.py (the loop), checkpoint.py (the run
-directory's files), trainer.py (wiring)."""
+directory's files), trainer.py (wiring). Names are imported on first use, so that `attncache.train.loader` (what
+DataLoader workers import) does not pull in the model code."""
 
-from .config import TrainConfig
-from .modes import MODES, Mode
-from .trainer import Trainer
+from importlib import import_module
 
-__all__ = ["MODES", "Mode", "TrainConfig", "Trainer", "train"]
+_API = {"TrainConfig": ".config", "MODES": ".modes", "Mode": ".modes", "Trainer": ".trainer", "train": ".trainer"}
+__all__ = sorted(_API)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run, resume, or (if finished) return the results of a training run."""
-    return Trainer(cfg).run()
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(import_module(_API[name], __name__), name)
+    raise AttributeError(f"module 'attncache.train' has no attribute {name!r}")

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
+from ..device import parse_device
 from ..errors import AttncacheError
 from ..teacher import TeacherOptions
 from .modes import get_mode
@@ -72,8 +71,10 @@ def check_options(cfg: TrainConfig) -> None:
         raise AttncacheError(f"--drop-path {cfg.drop_path}: expected 0 <= p < 1")
     if cfg.ema is not None and not 0 < cfg.ema < 1:
         raise AttncacheError(f"--ema {cfg.ema}: expected a decay in (0, 1)")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise AttncacheError(f"--device {cfg.device}: CUDA is not available on this machine")
+    parse_device(cfg.device)
+    if cfg.teacher.name is None and cfg.teacher.weights is not None and not mode.starts_from_teacher:
+        raise AttncacheError(f"--weights without --teacher: --mode {cfg.mode} takes the teacher's maps from "
+                             "--cache and does not start from its weights (pass --teacher too for a live teacher)")
     if mode.needs_maps and cfg.cache is None and cfg.teacher.name is None:
         raise AttncacheError(f"--mode {cfg.mode} needs teacher maps: pass --cache (or --teacher for a live teacher)")
     if mode.starts_from_teacher and cfg.teacher.weights is None and not cfg.teacher.pretrained:

@@ -204,7 +204,7 @@ def _worker_context():
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["attncache.train.loader", "timm"])
+    ctx.set_forkserver_preload(["attncache.train.loader"])
     return ctx
 
 

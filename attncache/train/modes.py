@@ -17,10 +17,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from .losses import distill_loss, gta_loss
+
+def _distill(cfg, targets, recorded):
+    from .losses import distill_loss
+
+    return cfg.distill_weight * distill_loss(targets, recorded)
+
+
+def _gta(cfg, targets, recorded):
+    from .losses import gta_loss
+
+    return cfg.gta_weight * gta_loss(targets, recorded)
 
 
 @dataclass(frozen=True)
@@ -54,10 +66,10 @@ MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("copy", "the teacher's maps replace the student's attention (its own V)", targets="probs",
          attention="inject", eval_with_maps=True),
     Mode("distill", "CE + weight x cross-entropy between teacher and student attention", targets="probs",
-         attention="record", transfer=lambda cfg, t, s: cfg.distill_weight * distill_loss(t, s)),
+         attention="record", transfer=_distill),
     Mode("gta", "fine-tune from the teacher + L2 on [CLS]-query attention logits", targets="cls_logits",
          attention="record_cls", starts_from_teacher=True, layers="cached",
-         transfer=lambda cfg, t, s: cfg.gta_weight * gta_loss(t, s)),
+         transfer=_gta),
     Mode("scratch", "the student alone, random init (baseline)"),
     Mode("finetune", "the student starts from the teacher's weights (baseline)", starts_from_teacher=True),
 )}

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..cache import Cache, open_cache
+from ..device import parse_device
 from ..errors import AttncacheError
 from ..files import StrictJSONError, read_json
 from ..rundir import FINISHED, RESUME, RunDir
@@ -56,7 +57,7 @@ class Trainer:
         """`evaluate=False` (benchmarks) builds no val stream and needs no val cache."""
         check_options(cfg)
         self.cfg, self.mode = cfg, get_mode(cfg.mode)
-        self.out, self.device = Path(cfg.out), torch.device(cfg.device)
+        self.out, self.device = Path(cfg.out), parse_device(cfg.device)
         self.cache = self._open_cache(cfg.cache, "--cache")
         self.val_cache = self._open_cache(cfg.val_cache, "--val-cache")
         self.live_teacher, self.teacher = self._teacher()
@@ -214,3 +215,8 @@ def check_cache_serves(cache: Cache, flag: str, teacher: TeacherSpec, layers: li
     if mode.targets == "cls_logits" and cache.decodes_to != "logits":
         raise AttncacheError(f"{flag} {cache.root}: holds softmax probabilities; --mode {mode.name} regularises "
                              "attention logits (extract with --codec qk, lowrank or cls, or --payload logits)")
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run, resume, or (if finished) return the results of a training run."""
+    return Trainer(cfg).run()
