@@ -133,6 +133,12 @@ class ZarrReader(StoreReader):
             self._indexes[key] = (rel, index, size - nbytes - 4)
         return self._indexes[key]
 
+    def stored(self, name: str, row: int) -> bytes:
+        """One record's field exactly as stored (its compressed chunk): for tools that time or inspect it."""
+        rel, index, _ = self._shard_index(name, row // self.records_per_shard)
+        offset, length = (int(v) for v in index[row % self.records_per_shard])
+        return self.fs.read_range(rel, offset, offset + length)
+
     def read(self, rows):
         rows = [int(r) for r in rows]
         out = {name: np.empty((len(rows), *spec.shape), spec.dtype) for name, spec in self.fields.items()}
