@@ -345,6 +345,7 @@ def bench_train(
     mode: Mode = typer.Option("copy"), layers: str | None = None, batch_size: int = typer.Option(16),
     steps: int = typer.Option(20, help="measured steps per rate"), warmup: int = typer.Option(3),
     workers: int = typer.Option(2), device: Device = "cpu",
+    repeats: int = typer.Option(3, help="timed windows per rate; the best is reported"),
 ):
     """Images/s of cached training, live-teacher training, the student alone and the reader alone, in one run."""
     from attncache.tools.bench import TrainBench
@@ -353,7 +354,8 @@ def bench_train(
     live = teacher_options(teacher, weights, pretrained, image_size, teacher_arg)  # default: the cache's model
     try:
         result = run(TrainBench(cache=cache, data=data, out=str(out), teacher=live, mode=mode.value, layers=layers,
-                                batch_size=batch_size, steps=steps, warmup=warmup, workers=workers, device=device))
+                                batch_size=batch_size, steps=steps, warmup=warmup, workers=workers, device=device,
+                                repeats=repeats))
     except AttncacheError as exc:
         _fail(exc)
     typer.echo(json.dumps(result, indent=2))

@@ -77,7 +77,7 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, s
 
     _log(cfg, f"scanning {source.description} ({len(entries)} images) ...")
     samples = [s.to_json() for s in source.scan(cfg.workers, plans.load_scan(out))]
-    views = [v for v in _draw_views(policy, samples, spec.image_size)]
+    views = _draw_views(policy, samples, spec.image_size)
     samples_bytes = b"".join(dumps_canonical(s) + b"\n" for s in samples)
     views_bytes = b"".join(dumps_canonical(_view_record(r, len(samples), views[r])) + b"\n" for r in range(records))
     plan = {
