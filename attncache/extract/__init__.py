@@ -20,6 +20,7 @@ from ..sources import open_source
 from ..store import WRITERS
 from ..store.format import (
     FORMAT_NAME,
+    FORMAT_VERSION,
     MANIFEST,
     SAMPLES,
     VIEWS,
@@ -82,7 +83,8 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, s
     views_bytes = b"".join(dumps_canonical(_view_record(r, len(samples), views[r])) + b"\n" for r in range(records))
     plan = {
         "format": FORMAT_NAME,
-        "version": 2 if any(v.resize is not None for v in views) else 1,  # version 1 when readable by 1.x readers
+        # the oldest version that can hold these views, so version-1 readers keep reading train caches
+        "version": FORMAT_VERSION if any(v.resize is not None for v in views) else 1,
         **head,
         "dataset": {**dataset_head, "fingerprint": dataset_fingerprint(samples)},
         "files": {SAMPLES: plans.index_file_entry(SAMPLES, samples_bytes),

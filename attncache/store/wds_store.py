@@ -22,7 +22,6 @@ from ..files import atomic_write_bytes
 from .base import StoreReader, StoreWriter, decompress_bounded
 from .format import wds_shard_name
 
-MAX_META_BYTES = 1 << 20
 MAX_IMAGE_BYTES = 256 << 20
 
 
@@ -109,9 +108,6 @@ class WdsReader(StoreReader):
                     where = f"{self.fs.where(wds_shard_name(row // self.records_per_shard))}:{record_id(row)}.{name}"
                     out[name][j] = decompress_bounded(self.compressor, data, spec, where)
         return out
-
-    def read_meta(self, row: int) -> dict:
-        return json.loads(self._member(row, "json", MAX_META_BYTES))
 
     def read_images(self, rows):
         """The embedded image bytes of each row (caches extracted with --embed-images)."""

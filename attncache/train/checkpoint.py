@@ -40,26 +40,40 @@ class Position:
 
 @dataclass
 class Window:
-    """The training losses logged as one metrics line: running sums since the last line."""
+    """The training losses logged as one metrics line: running sums since the last line.
+
+    Steps hand in their loss tensors as they are (reading a GPU tensor's value waits for the device, which the
+    step loop must not do); they are added, in step order, when a line or a checkpoint needs the sums."""
 
     sums: dict[str, float] = field(default_factory=dict)
     steps: int = 0
     images: int = 0
+    pending: list = field(default_factory=list, repr=False)
 
-    def add(self, losses: dict[str, float], images: int) -> None:
-        for k, v in losses.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
+    def add(self, losses: dict, images: int) -> None:
+        self.pending.append(losses)
         self.steps += 1
         self.images += images
 
+    def folded(self) -> Window:
+        for losses in self.pending:
+            for k, v in losses.items():
+                self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.pending = []
+        return self
+
     def means(self) -> dict[str, float]:
-        return {k: v / self.steps for k, v in self.sums.items()}
+        return {k: v / self.steps for k, v in self.folded().sums.items()}
+
+    def state(self) -> dict:
+        self.folded()
+        return {"sums": self.sums, "steps": self.steps, "images": self.images}
 
 
 def save_checkpoint(run: Path, *, position: Position, window: Window, metrics_lines: int, steps_per_epoch: int,
                     model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema) -> None:
     state = {
-        "position": asdict(position), "window": asdict(window), "metrics_lines": metrics_lines,
+        "position": asdict(position), "window": window.state(), "metrics_lines": metrics_lines,
         "steps_per_epoch": steps_per_epoch,
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "ema": ema.module.state_dict() if ema is not None else None,

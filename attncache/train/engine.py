@@ -197,12 +197,13 @@ class Engine:
                                        f"expected {pos.batch} of {pos.epoch}")
                 losses = self.train_step(batch, self.lr_at(pos.step))
                 pos.step, pos.batch = pos.step + 1, pos.batch + 1
-                self.window.add({k: v.item() for k, v in losses.items()}, len(batch["labels"]))
+                self.window.add(losses, len(batch["labels"]))
                 if pos.step % cfg.log_every == 0 or pos.batch == spe:
+                    means = self.window.means()
                     rate = self.window.images / max(1e-9, time.perf_counter() - window_start)
                     self.log.append({"kind": "train", "step": pos.step, "epoch": pos.epoch,
-                                     "lr": self.lr_at(pos.step - 1), **self.window.means(), "images_per_s": rate})
-                    bar.update(task, rate=rate, loss=self.window.means()["loss"])
+                                     "lr": self.lr_at(pos.step - 1), **means, "images_per_s": rate})
+                    bar.update(task, rate=rate, loss=means["loss"])
                     self.window, window_start = Window(), time.perf_counter()
                 bar.advance(task)
                 if cfg.save_every and pos.step % cfg.save_every == 0:
