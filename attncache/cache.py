@@ -29,7 +29,7 @@ from .store.format import (
     sample_and_view,
 )
 from .teacher import TeacherSpec
-from .views import View
+from .views import View, ViewPolicy
 
 
 @dataclass
@@ -63,6 +63,7 @@ class Cache:
         self.decodes_to: str = self.codec.decodes_to(self.payload)  # "probs" or "logits"
         self.num_samples: int = m["dataset"]["num_samples"]
         self.views_per_image: int = m["views"]["views_per_image"]
+        self.policy = ViewPolicy.from_json(m["views"])  # how the views were drawn (augmentation, mixing)
         self._samples: list[dict] | None = None
         self._views: list[dict] | None = None
         self._key_index: dict[str, int] | None = None
@@ -155,11 +156,22 @@ class Cache:
             "codec": m["codec"]["name"], "store": m["store"]["format"],
             "samples": self.num_samples, "views_per_image": self.views_per_image, "records": len(self),
             "shards": len(m["store"]["shards"]), "split": m["views"]["split"],
+            "augmentation": _describe(self.policy.augment),
             "shard_bytes": stored, "shard_bytes_per_view": stored / len(self),
             # with embedded images the shards hold more than maps: no compression ratio to speak of
             **({} if m["store"]["embed_images"] else {"ratio_vs_raw_fp16": raw / max(1, stored)}),
             "dataset_fingerprint": m["dataset"]["fingerprint"][:16],
         }
+
+
+def _describe(a) -> str:
+    """The views' augmentation in one line (inspect)."""
+    parts = [a.randaugment] if a.randaugment else []
+    if a.erase_prob:
+        parts.append(f"erase {a.erase_prob} ({a.erase_mode})")
+    if a.mixes:
+        parts += [f"{name} {alpha}" for name, alpha in (("mixup", a.mixup), ("cutmix", a.cutmix)) if alpha]
+    return ", ".join(parts) or "none"
 
 
 def open_cache(root: str, storage_options: dict | None = None) -> Cache:

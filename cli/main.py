@@ -20,16 +20,28 @@ from attncache.errors import AttncacheError, RunInterrupted
 from attncache.train.modes import MODES
 
 from .options import (
+    Cutmix,
     Device,
+    EraseCount,
+    EraseMode,
+    EraseProb,
     ImageSize,
+    MixProb,
+    MixSwitch,
+    Mixup,
     OptionalTeacher,
     Pretrained,
+    RandAugment,
+    Recipe,
     StorageOption,
     Teacher,
     TeacherArg,
+    TeacherDropPath,
     Weights,
+    augmentation,
     storage_options,
     teacher_options,
+    typed_only,
 )
 
 
@@ -100,6 +112,7 @@ def _fail(exc: Exception) -> None:
 
 @app.command()
 def extract(
+    ctx: typer.Context,
     teacher: Teacher,
     data: str = typer.Option(..., help="image folder, webdataset shards (path or URL), or 'demo'"),
     out: Path = typer.Option(..., help="cache directory (created; an unfinished one is resumed)"),
@@ -118,6 +131,16 @@ def extract(
     image_size: ImageSize = None,
     teacher_arg: TeacherArg = [],  # noqa: B006 - typer reads the default, never mutates it
     seed: int = typer.Option(0, help="seed the view parameters are drawn from"),
+    recipe: Recipe = None,
+    randaugment: RandAugment = None,
+    erase_prob: EraseProb = 0.0,
+    erase_mode: EraseMode = "pixel",
+    erase_count: EraseCount = 1,
+    mixup: Mixup = 0.0,
+    cutmix: Cutmix = 0.0,
+    mix_prob: MixProb = 1.0,
+    mix_switch: MixSwitch = 0.5,
+    teacher_drop_path: TeacherDropPath = 0.0,
     shard_records: int | None = typer.Option(None, help="records per shard (default: ~256 MB raw)"),
     embed_images: bool = typer.Option(False, help="wds only: put the image bytes beside the maps"),
     workers: int = typer.Option(2, help="threads that decode and render images"),
@@ -126,18 +149,20 @@ def extract(
     quiet: bool = typer.Option(False, help="no progress output"),
 ):
     """Run the teacher once over DATA and write its attention maps to OUT."""
-    from attncache.extract import ExtractConfig
     from attncache.extract import extract as run_extract
+    from attncache.recipes import extract_config
     from attncache.teacher import parse_kwargs
 
     try:
-        cfg = ExtractConfig(
+        options = dict(
             teacher=teacher_options(teacher, weights, pretrained, image_size, teacher_arg), data=data,
             out=str(out), format=format.value, views=views, split=split.value, layers=layers, payload=payload,
             codec=codec, codec_params=parse_kwargs(codec_arg, "--codec-arg"), batch_size=batch_size, device=device,
             amp=amp, seed=seed, records_per_shard=shard_records, embed_images=embed_images, workers=workers,
-            limit=limit, repair=repair, progress=not quiet)
-        manifest = run_extract(cfg)
+            limit=limit, repair=repair, progress=not quiet,
+            **augmentation(randaugment, erase_prob, erase_mode, erase_count, mixup, cutmix, mix_prob, mix_switch,
+                           teacher_drop_path))
+        manifest = run_extract(extract_config(recipe, **typed_only(ctx, options, recipe)))
     except AttncacheError as exc:
         _fail(exc)
     typer.echo(f"wrote {out}: {manifest['store']['records']} records in {len(manifest['store']['shards'])} shards")
@@ -181,8 +206,10 @@ def verify(cache: str = typer.Argument(..., help="cache directory or URL"),
 
 @app.command()
 def train(
-    mode: Mode = typer.Option(..., help="copy | distill | gta (transfer), scratch | finetune (baselines): "
-                                        "docs/training.md"),
+    ctx: typer.Context,
+    mode: Mode | None = typer.Option(None, help="copy | distill | gta (transfer), scratch | finetune (baselines): "
+                                                "docs/training.md (default: the --recipe's)"),
+    recipe: Recipe = None,
     out: Path = typer.Option(..., help="run directory (created; an unfinished run is resumed)"),
     cache: str | None = typer.Option(None, help="train cache: teacher maps + views"),
     data: str | None = typer.Option(None, help="train images joined to the cache by key (or live views)"),
@@ -199,14 +226,16 @@ def train(
     layers: str | None = typer.Option(None, help="transferred layers (default: first depth-3; gta: all cached)"),
     epochs: int = typer.Option(10), batch_size: int = typer.Option(64), lr: float = typer.Option(5e-4),
     min_lr: float = typer.Option(1e-6), weight_decay: float = typer.Option(0.05),
+    layer_decay: float | None = typer.Option(None, help="layer-wise lr decay, e.g. 0.75 (timm's)"),
     beta2: float = typer.Option(0.999), warmup_epochs: float = typer.Option(1.0),
     label_smoothing: float = typer.Option(0.1),
     distill_weight: float = typer.Option(3.0, help="weight of the attention distillation loss"),
     gta_weight: float = typer.Option(0.1, help="GTA lambda on the [CLS]-row logit L2 penalty"),
     drop_path: float = typer.Option(0.0), clip_grad: float | None = typer.Option(None),
     ema: float | None = typer.Option(None, help="EMA decay (e.g. 0.9999)"),
-    mixup: float = typer.Option(0.0, help="refused unless the cache carries mixed views"),
-    cutmix: float = typer.Option(0.0, help="refused unless the cache carries mixed views"),
+    randaugment: RandAugment = None, erase_prob: EraseProb = 0.0, erase_mode: EraseMode = "pixel",
+    erase_count: EraseCount = 1, mixup: Mixup = 0.0, cutmix: Cutmix = 0.0, mix_prob: MixProb = 1.0,
+    mix_switch: MixSwitch = 0.5, teacher_drop_path: TeacherDropPath = 0.0,
     seed: int = typer.Option(0), device: Device = "cpu",
     amp: bool = typer.Option(True, help="bf16 autocast on CUDA (CPU runs fp32)"),
     workers: int = typer.Option(2, help="DataLoader worker processes"),
@@ -216,22 +245,26 @@ def train(
     quiet: bool = typer.Option(False, help="no progress output"),
 ):
     """Train a student from a cache (or a live teacher); re-running the same command resumes."""
+    from attncache.recipes import train_config
     from attncache.teacher import parse_kwargs
-    from attncache.train import TrainConfig
     from attncache.train import train as run_train
 
     try:
-        cfg = TrainConfig(
-            mode=mode.value, out=str(out), cache=cache, data=data, val_cache=val_cache, val_data=val_data,
-            storage_options=storage_options(storage_option), student=student,
+        if mode is None and recipe is None:
+            raise AttncacheError("pass --mode (copy, distill, gta, scratch, finetune) or --recipe")
+        options = dict(
+            mode=mode.value if mode else None, out=str(out), cache=cache, data=data, val_cache=val_cache,
+            val_data=val_data, storage_options=storage_options(storage_option), student=student,
             student_args=parse_kwargs(student_arg, "--student-arg"),
             teacher=teacher_options(teacher, weights, pretrained, image_size, teacher_arg), layers=layers,
-            epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, weight_decay=weight_decay, beta2=beta2,
-            warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, distill_weight=distill_weight,
-            gta_weight=gta_weight, drop_path=drop_path, clip_grad=clip_grad, ema=ema, mixup=mixup, cutmix=cutmix,
+            epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, weight_decay=weight_decay,
+            layer_decay=layer_decay, beta2=beta2, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
+            distill_weight=distill_weight, gta_weight=gta_weight, drop_path=drop_path, clip_grad=clip_grad, ema=ema,
             seed=seed, device=device, amp=amp, workers=workers, max_steps=max_steps, save_every=save_every,
-            log_every=log_every, progress=not quiet)
-        results = run_train(cfg)
+            log_every=log_every, progress=not quiet,
+            **augmentation(randaugment, erase_prob, erase_mode, erase_count, mixup, cutmix, mix_prob, mix_switch,
+                           teacher_drop_path))
+        results = run_train(train_config(recipe, **typed_only(ctx, options, recipe)))
     except AttncacheError as exc:
         _fail(exc)
     except RunInterrupted as exc:

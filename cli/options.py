@@ -38,3 +38,42 @@ def storage_options(pairs: list[str]) -> dict:
     from attncache.teacher import parse_kwargs
 
     return parse_kwargs(pairs, "--storage-option")
+
+
+# Recipes and view augmentation (extract: the cached views; train: live views, or a check against the cache's)
+Recipe = Annotated[str | None, typer.Option(
+    "--recipe", help="at-copy | at-distill: the reference recipe's values for every option not given "
+                     "(docs/training.md)")]
+RandAugment = Annotated[str | None, typer.Option(
+    "--randaugment", help="timm RandAugment string, e.g. rand-m9-mstd0.5-inc1 ('none': off)")]
+EraseProb = Annotated[float, typer.Option("--erase-prob", help="random erasing probability per view")]
+EraseMode = Annotated[str, typer.Option("--erase-mode", help="pixel (per-pixel noise) | const (zeros)")]
+EraseCount = Annotated[int, typer.Option("--erase-count", help="erasing boxes per erased view")]
+Mixup = Annotated[float, typer.Option("--mixup", help="mixup alpha (0: off)")]
+Cutmix = Annotated[float, typer.Option("--cutmix", help="cutmix alpha (0: off)")]
+MixProb = Annotated[float, typer.Option("--mix-prob", help="probability that a view is mixed")]
+MixSwitch = Annotated[float, typer.Option("--mix-switch", help="with mixup and cutmix: probability of cutmix")]
+TeacherDropPath = Annotated[float, typer.Option(
+    "--teacher-drop-path", help="the teacher runs with per-view drop-path masks at this rate (stored; the "
+                                "student's transferred blocks reuse them)")]
+
+# The options a recipe presets: when --recipe is given, these take the recipe's value unless typed.
+RECIPE_OPTIONS = ("mode", "epochs", "warmup_epochs", "lr", "min_lr", "weight_decay", "beta2", "layer_decay",
+                  "drop_path", "ema", "label_smoothing", "randaugment", "erase_prob", "erase_mode", "erase_count",
+                  "mixup", "cutmix", "mix_prob", "mix_switch", "teacher_drop_path")
+
+
+def augmentation(randaugment: str | None, erase_prob: float, erase_mode: str, erase_count: int, mixup: float,
+                 cutmix: float, mix_prob: float, mix_switch: float, teacher_drop_path: float) -> dict:
+    """The augmentation options as the API's flat keyword arguments."""
+    return {"randaugment": None if randaugment in (None, "", "none") else randaugment, "erase_prob": erase_prob,
+            "erase_mode": erase_mode, "erase_count": erase_count, "mixup": mixup, "cutmix": cutmix,
+            "mix_prob": mix_prob, "mix_switch": mix_switch, "teacher_drop_path": teacher_drop_path}
+
+
+def typed_only(ctx: typer.Context, options: dict, recipe: str | None) -> dict:
+    """With a recipe, drop the recipe-preset options the user did not type (their defaults would mask it)."""
+    if recipe is None:
+        return options
+    return {k: v for k, v in options.items()
+            if k not in RECIPE_OPTIONS or ctx.get_parameter_source(k).name != "DEFAULT"}

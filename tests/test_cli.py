@@ -179,12 +179,39 @@ def test_train_and_eval_commands(cli_cache, tmp_path):
     assert json.loads(evaluated.stdout)["student_top1"] == trained["val_top1"]
     # errors: one line, exit code 2, nothing written
     bad = _run(*args[:-1], "--mixup", "0.8", "--quiet")
-    assert bad.exit_code == 2 and bad.stderr.startswith("error: --mixup/--cutmix: the cache carries no mixed")
+    assert bad.exit_code == 2 and "its views were drawn with other augmentation: mixup 0.0 (asked: 0.8)" in bad.stderr
     missing = _run("train", "--mode", "distill", "--data", "demo", "--out", tmp_path / "x", "--quiet")
     assert missing.exit_code == 2 and "needs teacher maps: pass --cache" in missing.stderr
     assert not (tmp_path / "x").exists()
     no_run = _run("eval", "--checkpoint", tmp_path)
     assert no_run.exit_code == 2 and "not an attncache training run" in no_run.stderr
+
+
+def test_recipe_commands(tiny_teacher, tmp_path):
+    """`extract --recipe` caches the recipe's views; `train --recipe` takes every preset it did not get typed."""
+    cache = tmp_path / "cache"
+    result = _run("extract", *tiny_teacher.cli_args(), "--data", "demo:2", "--out", cache, "--views", "2",
+                  "--recipe", "at-distill", "--format", "wds", "--embed-images", "--codec", "fp32")
+    assert result.exit_code == 0, result.output
+    views = json.loads((cache / "manifest.json").read_text())["views"]
+    assert views["augment"]["randaugment"] == "rand-m9-mstd0.5-inc1" and views["augment"]["cutmix"] == 1.0
+    lines = [json.loads(line) for line in (cache / "views.jsonl").read_text().splitlines()]
+    assert any("mix" in v for v in lines) and any("augment" in v for v in lines)
+    run = tmp_path / "run"
+    result = _run("train", "--recipe", "at-distill", "--cache", cache, "--out", run, "--epochs", "1",
+                  "--batch-size", "4", "--workers", "0", "--quiet", "--label-smoothing", "0.2")
+    assert result.exit_code == 0, result.output
+    options = json.loads((run / "config.json").read_text())["options"]
+    assert options["mode"] == "distill" and options["epochs"] == 1 and options["label_smoothing"] == 0.2  # typed
+    assert options["lr"] == 1e-4 * 4 / 256 and options["beta2"] == 0.95 and options["drop_path"] == 0.2  # preset
+    assert options["weight_decay"] == 0.3 and options["ema"] == 0.9999
+    # a recipe's views against a cache without them: one line, before anything is written
+    plain = _run("train", "--recipe", "at-copy", "--cache", cache, "--out", tmp_path / "x", "--randaugment", "none",
+                 "--quiet")
+    assert plain.exit_code == 2 and "randaugment 'rand-m9-mstd0.5-inc1' (asked: None)" in plain.stderr
+    assert not (tmp_path / "x").exists()
+    nothing = _run("train", "--cache", cache, "--out", tmp_path / "y", "--quiet")
+    assert nothing.exit_code == 2 and "pass --mode" in nothing.stderr
 
 
 def test_demo_end_to_end(tmp_path):

@@ -45,7 +45,7 @@ def _tamper(m: dict, what: str) -> dict:
     elif what == "backslash":
         shard0["path"] = "shards\\..\\x"
     elif what == "version":
-        m["version"] = 3
+        m["version"] = 4
     elif what == "format":
         m["format"] = "npz"
     elif what == "records":

@@ -15,6 +15,7 @@ from attncache.eval import evaluate_run
 from attncache.extract import extract
 from attncache.teacher import TeacherOptions
 from attncache.train import TrainConfig, train
+from attncache.views import Augmentation
 
 
 @pytest.fixture(scope="session")
@@ -219,7 +220,8 @@ def test_bad_inputs(tmp_path, tiny_teacher, reg_teacher, image_folder, folder_fp
     fails(r"layer indices must lie in 0..1", mode="distill", layers="0-2")
     fails("copy mode evaluates with the teacher.s maps", val_cache=None)
     fails("regularises attention logits", mode="gta", teacher=TeacherOptions(weights=str(tiny_teacher.weights)))
-    fails("no mixed views", mixup=0.8)
+    fails("other augmentation: mixup 0.0 \\(asked: 0.8\\)", augment=Augmentation(mixup=0.8))
+    fails("--layer-decay 1.5", layer_decay=1.5)
     fails("needs teacher maps: pass --cache", cache=None)
     fails("num_heads 2 vs 4", student=tiny_teacher.name, student_args={**tiny_teacher.args, "num_heads": 2})
     fails("does not embed images: pass --data", data=None)

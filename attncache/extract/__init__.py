@@ -14,13 +14,13 @@ from pathlib import Path
 
 from .. import __version__
 from ..device import parse_device
+from ..errors import AttncacheError
 from ..files import atomic_write_bytes, atomic_write_json, dumps_canonical, remove_partials
 from ..rundir import FINISHED
 from ..sources import open_source
 from ..store import WRITERS
 from ..store.format import (
     FORMAT_NAME,
-    FORMAT_VERSION,
     MANIFEST,
     SAMPLES,
     VIEWS,
@@ -52,10 +52,13 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, s
     layers = parse_layers(cfg.layers, spec.depth)
     payload = cfg.payload or codec.payloads[0]
     policy = ViewPolicy(split=cfg.split, views_per_image=cfg.views, seed=cfg.seed,
-                        crop_pct=spec.crop_pct if cfg.split == "val" else 0.875)
+                        crop_pct=spec.crop_pct if cfg.split == "val" else 0.875, augment=cfg.augment)
     shape = spec.capture_shape(len(layers))
     fields = codec.fields(shape)
     source = open_source(cfg.data, cfg.split, cfg.limit)
+    if policy.augment.mixes and source.streamed:
+        raise AttncacheError(f"--data {cfg.data}: mixing reads each view's partner image by key, which a streamed "
+                             "(pipe:) source cannot do; use local or HTTP(S) shards")
     entries = source.entries()
     records = len(entries) * policy.views_per_image
     per_shard = min(records, cfg.records_per_shard or
@@ -78,13 +81,14 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, s
 
     _log(cfg, f"scanning {source.description} ({len(entries)} images) ...")
     samples = [s.to_json() for s in source.scan(cfg.workers, plans.load_scan(out))]
-    views = _draw_views(policy, samples, spec.image_size)
+    views = policy.views(samples, spec.image_size, mean=spec.mean, interpolation=spec.interpolation,
+                         depth=spec.depth)
     samples_bytes = b"".join(dumps_canonical(s) + b"\n" for s in samples)
     views_bytes = b"".join(dumps_canonical(_view_record(r, len(samples), views[r])) + b"\n" for r in range(records))
     plan = {
         "format": FORMAT_NAME,
-        # the oldest version that can hold these views, so version-1 readers keep reading train caches
-        "version": FORMAT_VERSION if any(v.resize is not None for v in views) else 1,
+        # the oldest version that can hold these views, so older readers keep reading the caches they can
+        "version": max(v.needs_version for v in views),
         **head,
         "dataset": {**dataset_head, "fingerprint": dataset_fingerprint(samples)},
         "files": {SAMPLES: plans.index_file_entry(SAMPLES, samples_bytes),
@@ -125,12 +129,6 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, s
         atomic_write_json(out / MANIFEST, manifest)
         plans.remove_progress(out)
     return manifest
-
-
-def _draw_views(policy: ViewPolicy, samples: list[dict], size: int) -> list[View]:
-    """All records' views in row order (view-major)."""
-    per_sample = [policy.draw(s["key"], s["width"], s["height"], size) for s in samples]
-    return [per_sample[i][v] for v in range(policy.views_per_image) for i in range(len(samples))]
 
 
 def _view_record(row: int, num_samples: int, view: View) -> dict:

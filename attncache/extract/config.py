@@ -9,6 +9,7 @@ from ..device import parse_device
 from ..errors import AttncacheError
 from ..store.format import STORE_FORMATS
 from ..teacher import PAYLOADS, TeacherOptions
+from ..views import Augmentation
 
 
 @dataclass
@@ -26,6 +27,7 @@ class ExtractConfig:
     batch_size: int = 32
     device: str = "cpu"
     seed: int = 0
+    augment: Augmentation = field(default_factory=Augmentation)  # RandAugment, erasing, mixup/cutmix (train split)
     records_per_shard: int | None = None
     embed_images: bool = False
     workers: int = 2
@@ -48,6 +50,9 @@ def check_options(cfg: ExtractConfig) -> Codec:
         raise AttncacheError(f"--shard-records {cfg.records_per_shard}: must be >= 1")
     if cfg.limit is not None and cfg.limit < 1:
         raise AttncacheError(f"--limit {cfg.limit}: must be >= 1")
+    if cfg.augment.enabled and cfg.split != "train":
+        raise AttncacheError("--split val draws timm's deterministic eval view: augmentation and mixing are for "
+                             "training views")
     parse_device(cfg.device)
     codec = get_codec(cfg.codec, **cfg.codec_params)
     if cfg.payload is not None and cfg.payload not in PAYLOADS:

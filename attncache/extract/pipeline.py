@@ -24,8 +24,8 @@ from ..codecs import Codec
 from ..sources import IMAGE_EXTENSIONS, Source, open_image
 from ..store import StoreWriter
 from ..store.format import sample_and_view
-from ..teacher import AttentionCapture, TeacherSpec
-from ..views import View, render
+from ..teacher import AttentionCapture, TeacherSpec, drop_path_masks
+from ..views import View, drop_path_keep, render
 from .plan import write_marker
 
 
@@ -47,10 +47,12 @@ def _rendered_rows(work: Work, rows: list[int], pool, window: int) -> Iterator[t
     """(row, pixels, image bytes) in row order; rendering runs in `pool`, at most `window` rows ahead."""
     n, spec = len(work.samples), work.spec
 
-    def one(row: int, data: bytes) -> tuple[int, torch.Tensor, bytes]:
-        key = work.samples[sample_and_view(row, n)[0]]["key"]
+    def one(row: int, data: bytes, partner_data: bytes | None) -> tuple[int, torch.Tensor, bytes]:
+        key, view = work.samples[sample_and_view(row, n)[0]]["key"], work.views[row]
         image = open_image(data, work.source.where(key))
-        return row, render(image, work.views[row], spec.image_size, spec.interpolation, spec.mean, spec.std), data
+        partner = open_image(partner_data, work.source.where(view.mix.partner)) if view.mix else None
+        pixels = render(image, view, spec.image_size, spec.interpolation, spec.mean, spec.std, partner=partner)
+        return row, pixels, data
 
     pending: deque = deque()
     by_sample: dict[int, list[int]] = {}
@@ -58,7 +60,8 @@ def _rendered_rows(work: Work, rows: list[int], pool, window: int) -> Iterator[t
         by_sample.setdefault(sample_and_view(row, n)[0], []).append(row)
     for sample_index, data in work.source.iter_bytes(sorted(by_sample)):
         for row in by_sample[sample_index]:
-            pending.append(pool.submit(one, row, data))
+            mix = work.views[row].mix  # the partner's bytes are read here: sources are not thread-safe
+            pending.append(pool.submit(one, row, data, work.source.read_key(mix.partner) if mix else None))
         while len(pending) > window:
             yield pending.popleft().result()
     for fut in pending:
@@ -128,7 +131,8 @@ def run_pipeline(work: Work, pending: list[int], capture: AttentionCapture, code
 
     def flush(batch):
         x = torch.stack([p for _, p, _ in batch]).to(device, non_blocking=True)
-        with autocast:
+        keep, rate = drop_path_keep([work.views[row] for row, _, _ in batch])
+        with autocast, drop_path_masks(capture.model, keep, rate):
             captured = capture(x)
         encoded = codec.encode(captured, capture.payload)
         for j, (row, _, data) in enumerate(batch):

@@ -66,6 +66,7 @@ class Source:
 
     description: str
     classes: list[str]
+    streamed: bool = False  # True: images come in one pass, never by key (no mixing partners, no joins)
     _keys: dict[str, int] | None = None
 
     def entries(self) -> list[Entry]:

@@ -19,8 +19,10 @@ from ..errors import AttncacheError, CacheFormatError
 from ..files import StrictJSONError, loads_strict
 
 FORMAT_NAME = "attncache"
-FORMAT_VERSION = 2  # 2 adds the optional view field `resize` (timm's eval transform); version 1 is read as well
-READABLE_VERSIONS = (1, 2)
+# 2 adds the optional view field `resize` (timm's eval transform); 3 adds `augment`, `erase` and `mix` (and the
+# policy's `augment`). A cache is written with the oldest version that holds its views; all three are read.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 MANIFEST = "manifest.json"
 SAMPLES = "samples.jsonl"  # one JSON object per image, in sample-index order
@@ -133,6 +135,8 @@ def validate_manifest(m: dict) -> dict:
     _require(m["views"]["split"] == "train" or k == 1, "views: a val split has one view per image")
     _require(m["views"]["scale"][0] <= m["views"]["scale"][1] and m["views"]["ratio"][0] <= m["views"]["ratio"][1],
              "views.scale and views.ratio must be [min, max]")
+    _require("augment" not in m["views"] or (m["version"] >= 3 and m["views"]["split"] == "train"),
+             "views.augment needs format version 3 and the train split")
     _check_store(m["store"], m["codec"]["fields"], n * k)
     for name in (SAMPLES, VIEWS):
         _require(m["files"][name]["path"] == name, f"files.{name}.path must be {name!r}")
@@ -263,25 +267,38 @@ def _sample_problem(s, classes: list) -> str | None:
 
 
 def check_views(views: list, samples: list[dict], manifest: dict, where: str = VIEWS) -> list[dict]:
+    """Every line parses as a view of its record; every box lies inside what it cuts; a mixed view's partner is
+    a sample of this cache; no view needs a newer format version than the manifest states."""
     from ..views import View
 
     n, records = manifest["dataset"]["num_samples"], manifest["store"]["records"]
+    size = manifest["teacher"]["image_size"]
     if len(views) != records:
         raise CacheFormatError(f"{where}: {len(views)} lines, manifest says {records} records")
+    by_key = None
     for row, v in enumerate(views):
         sample_index, view_index = sample_and_view(row, n)
         if not isinstance(v, dict) or v.get("sample") != sample_index or v.get("view") != view_index:
             raise CacheFormatError(f"{where}: line {row + 1}: expected sample {sample_index}, view {view_index}")
         try:
             view = View.from_json({k: x for k, x in v.items() if k not in ("sample", "view")})
+            if view.needs_version > manifest["version"]:
+                raise AttncacheError(f"these view parameters need format version {view.needs_version}")
+            s = samples[sample_index]
+            view.check_bounds(s["width"], s["height"], size)
+            if view.mix is not None:
+                by_key = by_key or {x["key"]: x for x in samples}
+                partner = by_key.get(view.mix.partner)
+                if partner is None:
+                    raise AttncacheError(f"mix partner {view.mix.partner!r} is not a sample of this cache")
+                view.mix.view.check_bounds(partner["width"], partner["height"], size)
+            rate = manifest["views"].get("augment", {}).get("teacher_drop_path", 0.0)
+            if (view.drop_path.rate if view.drop_path is not None else 0.0) != rate:
+                raise AttncacheError(f"drop_path masks must be there exactly when views.augment.teacher_drop_path "
+                                     f"is set, at its rate ({rate})")
+            if view.drop_path is not None and len(view.drop_path.keep) != manifest["teacher"]["depth"]:
+                raise AttncacheError(f"drop_path keeps {len(view.drop_path.keep)} blocks, the teacher has "
+                                     f"{manifest['teacher']['depth']}")
         except AttncacheError as exc:
             raise CacheFormatError(f"{where}: line {row + 1}: {exc}") from exc
-        if view.resize is not None and manifest["version"] < 2:
-            raise CacheFormatError(f"{where}: line {row + 1}: `resize` needs format version 2")
-        s = samples[sample_index]
-        width, height = view.resize or (s["width"], s["height"])
-        left, top, right, bottom = view.box
-        if left < 0 or top < 0 or right > width or bottom > height:
-            raise CacheFormatError(f"{where}: line {row + 1}: box {list(view.box)} outside the {width}x{height} "
-                                   "image")
     return views

@@ -2,6 +2,7 @@
 (hub.py), and attention capture (capture.py)."""
 
 from .capture import PAYLOADS, AttentionCapture, parse_layers
+from .drop_path import drop_path_masks
 from .registry import (
     DEMO_TEACHER,
     TEACHER_ALIASES,
@@ -17,5 +18,5 @@ from .registry import (
 from .weights import load_state, read_state_dict, state_dict_sha256
 
 __all__ = ["DEMO_TEACHER", "PAYLOADS", "TEACHER_ALIASES", "AttentionCapture", "TeacherOptions", "TeacherSpec",
-           "build_teacher", "check_standard_vit", "geometry", "geometry_differences", "load_state", "parse_kwargs",
-           "parse_layers", "read_state_dict", "resolve_name", "state_dict_sha256"]
+           "build_teacher", "check_standard_vit", "drop_path_masks", "geometry", "geometry_differences",
+           "load_state", "parse_kwargs", "parse_layers", "read_state_dict", "resolve_name", "state_dict_sha256"]

@@ -3,7 +3,10 @@
 1. teacher: a tiny ViT trained briefly on 512 procedurally drawn shape images (so its attention means something);
 2. extract: its maps over a smaller, separate train set (zarr, 2 views per image) and a val set (webdataset, images
    embedded), then inspect and verify both caches and replay one cached view through the live teacher;
-3. train: `scratch`, `copy` and `distill` students on the small train set, from the cache alone;
+3. train: `scratch`, `copy` and `distill` students on the small train set, from the cache alone; then `copy` and
+   `distill` with the reference recipes (`at-copy`, `at-distill`: RandAugment, erasing, mixup/cutmix views and
+   teacher drop-path masks from caches extracted with the recipe, layer decay, EMA, ...), at the demo's epochs,
+   batch and lr;
 4. print a results table.
 """
 
@@ -15,6 +18,7 @@ from pathlib import Path
 
 from ..cache import open_cache
 from ..extract import ExtractConfig, extract
+from ..recipes import extract_config, train_config
 from ..sources import open_image, open_source
 from ..teacher import AttentionCapture, TeacherOptions
 from ..train import TrainConfig, train
@@ -22,6 +26,7 @@ from ..views import render
 from .verify import verify_cache
 
 STUDENT_MODES = ("scratch", "copy", "distill")
+RECIPES = ("at-copy", "at-distill")
 
 
 def run_demo(out: str | Path, epochs: int = 30) -> dict:
@@ -37,12 +42,15 @@ def run_demo(out: str | Path, epochs: int = 30) -> dict:
     weights = out / "teacher_run" / "model.safetensors"
     results["teacher_val_top1"] = teacher_run["val_top1"]
 
-    _say("2/4 extract: train cache (zarr, 64 images x 2 views), val cache (wds, 100 images, embedded)")
+    _say("2/4 extract: train cache (zarr, 64 images x 2 views), the same with each reference recipe's augmented and "
+         "mixed views, val cache (wds, 100 images, embedded)")
     common = dict(teacher=TeacherOptions("demo", weights=str(weights)), batch_size=32, layers="all", progress=False)
     extract(ExtractConfig(**common, data="demo", out=str(out / "train_cache"), views=2))
+    for recipe in RECIPES:  # at-distill's views also carry the teacher's drop-path masks
+        extract(extract_config(recipe, **common, data="demo", out=str(out / f"cache_{recipe}"), views=2))
     extract(ExtractConfig(**common, data="demo:25", out=str(out / "val_cache"), split="val", format="wds",
                           embed_images=True))
-    for name in ("train_cache", "val_cache"):
+    for name in ("train_cache", *(f"cache_{r}" for r in RECIPES), "val_cache"):
         verify_cache(str(out / name))
         results[name] = open_cache(str(out / name)).summary()
         s = results[name]
@@ -59,6 +67,13 @@ def run_demo(out: str | Path, epochs: int = 30) -> dict:
                               batch_size=16, lr=1e-3, warmup_epochs=2, workers=0, progress=False))
         rows.append((mode, r["val_top1"], r["steps"], time.perf_counter() - start))
         results[f"student_{mode}_val_top1"] = r["val_top1"]
+    for recipe in RECIPES:  # the recipe's views and regularisation, at the demo's scale of epochs, batch and lr
+        start = time.perf_counter()
+        r = train(train_config(recipe, out=str(out / f"student_{recipe}"), cache=str(out / f"cache_{recipe}"),
+                               data="demo", val_cache=str(out / "val_cache"), layers="all", epochs=epochs,
+                               batch_size=16, lr=1e-3, warmup_epochs=2, workers=0, progress=False))
+        rows.append((f"{r['mode']} (--recipe {recipe})", r["val_top1"], r["steps"], time.perf_counter() - start))
+        results[f"student_{recipe}_val_top1"] = r["val_top1"]
 
     _say("4/4 results (val: 100 images, 4 classes)")
     _table(rows, results["teacher_val_top1"])

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from ..device import parse_device
 from ..errors import AttncacheError
 from ..teacher import TeacherOptions
+from ..views import Augmentation
 from .modes import get_mode
 
 # Options that change how a run executes, not what it computes: they may differ when a run is resumed.
@@ -33,6 +34,7 @@ class TrainConfig:
     lr: float = 5e-4
     min_lr: float = 1e-6
     weight_decay: float = 0.05
+    layer_decay: float | None = None  # layer-wise lr decay (timm's param_groups_layer_decay), e.g. 0.75
     beta2: float = 0.999
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
@@ -41,8 +43,8 @@ class TrainConfig:
     drop_path: float = 0.0
     clip_grad: float | None = None
     ema: float | None = None  # EMA decay, e.g. 0.9999
-    mixup: float = 0.0
-    cutmix: float = 0.0
+    # Augmentation of live views (no --cache). A cache's views carry their own; given with a cache, it must match.
+    augment: Augmentation = field(default_factory=Augmentation)
     seed: int = 0
     device: str = "cpu"
     amp: bool = True  # bf16 autocast on CUDA; CPU always runs fp32
@@ -55,10 +57,6 @@ class TrainConfig:
 
 def check_options(cfg: TrainConfig) -> None:
     mode = get_mode(cfg.mode)
-    if cfg.mixup or cfg.cutmix:
-        raise AttncacheError(
-            "--mixup/--cutmix: the cache carries no mixed views, and mixing only the student's input would show it "
-            "pixels its teacher never saw; mixed-view extraction is not supported yet")
     for name in ("epochs", "batch_size", "log_every"):
         if getattr(cfg, name) < 1:
             raise AttncacheError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 1")
@@ -69,6 +67,8 @@ def check_options(cfg: TrainConfig) -> None:
         raise AttncacheError(f"--workers {cfg.workers}: must be >= 0")
     if not 0 <= cfg.drop_path < 1:
         raise AttncacheError(f"--drop-path {cfg.drop_path}: expected 0 <= p < 1")
+    if cfg.layer_decay is not None and not 0 < cfg.layer_decay <= 1:
+        raise AttncacheError(f"--layer-decay {cfg.layer_decay}: expected 0 < decay <= 1")
     if cfg.ema is not None and not 0 < cfg.ema < 1:
         raise AttncacheError(f"--ema {cfg.ema}: expected a decay in (0, 1)")
     parse_device(cfg.device)

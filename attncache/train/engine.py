@@ -20,10 +20,11 @@ import torch
 
 from ..errors import AttncacheError, RunInterrupted
 from ..files import AppendLog, atomic_write_bytes, atomic_write_json
+from ..teacher import drop_path_masks
 from .checkpoint import EMA_MODEL, METRICS, MODEL, RESULTS, Position, Window, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .loader import ViewStream, batches, make_loader
-from .losses import classification_loss
+from .losses import classification_loss, mixed_targets
 from .modes import Mode
 from .predict import accuracy, predict
 from .student import student_forward
@@ -59,7 +60,8 @@ class StopRequest:
 class Engine:
     def __init__(self, cfg: TrainConfig, mode: Mode, model: torch.nn.Module, layers: list[int], maps, val_maps,
                  train_stream: ViewStream, val_stream: ViewStream | None, device: torch.device, out: Path,
-                 results_extra: dict):
+                 results_extra: dict, teacher_drop_path: float = 0.0):
+        """`teacher_drop_path`: the rate of the drop-path masks the training views carry (0: none)."""
         self.cfg, self.mode, self.model, self.layers = cfg, mode, model, layers
         self.maps, self.val_maps, self.device, self.out = maps, val_maps, device, out
         self.train_stream, self.val_stream = train_stream, val_stream
@@ -70,16 +72,23 @@ class Engine:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.use_amp = cfg.amp and device.type == "cuda"
         self.results_extra = results_extra
+        self.teacher_drop_path = teacher_drop_path
         self.optimizer: torch.optim.Optimizer | None = None
         self.ema = None
 
     # -- one step ------------------------------------------------------------------------------------------------
 
     def init_state(self) -> None:
-        """The optimizer (AdamW; no weight decay on biases, norms, position embeddings, tokens) and the EMA."""
-        from timm.optim import param_groups_weight_decay
+        """The optimizer (AdamW; no weight decay on biases, norms, position embeddings, tokens; with --layer-decay,
+        timm's per-layer lr scales) and the EMA."""
+        from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
-        groups = param_groups_weight_decay(self.model, self.cfg.weight_decay, self.model.no_weight_decay())
+        cfg = self.cfg
+        if cfg.layer_decay is not None:
+            groups = param_groups_layer_decay(self.model, cfg.weight_decay, self.model.no_weight_decay(),
+                                              layer_decay=cfg.layer_decay)
+        else:
+            groups = param_groups_weight_decay(self.model, cfg.weight_decay, self.model.no_weight_decay())
         self.optimizer = torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(0.9, self.cfg.beta2))
         if self.cfg.ema:
             from timm.utils import ModelEmaV3
@@ -96,21 +105,27 @@ class Engine:
         return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
     def to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Images and labels on the device, and the teacher targets decoded there (or computed live)."""
+        """Images and labels (soft targets for mixed views) on the device, and the teacher targets decoded there
+        (or computed live)."""
         images = batch["images"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
+        if "lam" in batch:  # mixed views: soft targets, label smoothing included
+            labels = mixed_targets(labels, batch["partner_labels"].to(self.device), batch["lam"].to(self.device),
+                                   self.model.num_classes, self.cfg.label_smoothing)
         return images, labels, (self.maps(batch, images) if self.maps is not None else None)
 
     def train_step(self, batch: dict, lr: float) -> dict[str, torch.Tensor]:
         """One optimisation step on one batch from the loader; returns detached losses."""
-        return self.optimize(*self.to_device(batch), lr)
+        return self.optimize(*self.to_device(batch), lr, batch.get("drop_path_keep"))
 
     def optimize(self, images: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None,
-                 lr: float) -> dict[str, torch.Tensor]:
+                 lr: float, drop_path_keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """`drop_path_keep`: the teacher's drop-path masks of these views, reused by the transferred blocks."""
         cfg, mode = self.cfg, self.mode
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        with self.autocast():
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        masks = drop_path_masks(self.model, drop_path_keep, self.teacher_drop_path, blocks=self.layers)
+        with self.autocast(), masks:
             out, recorded = student_forward(self.model, images, self.layers, mode.attention, targets)
             ce = classification_loss(out, labels, cfg.label_smoothing)
             transfer = mode.transfer(cfg, targets, recorded) if mode.transfer else torch.zeros((), device=self.device)

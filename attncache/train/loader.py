@@ -16,7 +16,9 @@ progress was (and with any worker count). Workers are persistent: the main proce
 memory before each `iter(loader)`, and the workers' stores stay open across epochs.
 
 Each record's image is joined by key from `--data` (or taken from the cache when it carries the images), checked
-against the sha256 recorded at extraction, and rendered with the same `views.render` as extraction. Maps leave the
+against the sha256 recorded at extraction, and rendered with the same `views.render` as extraction; a mixed view's
+partner image is read and checked the same way, and the batch carries the partner labels and lambdas the labels
+are mixed with. Maps leave the
 worker as the codec's compact fields; decoding happens on the training device. Workers start through forkserver
 (spawn where there is none): zarr and fsspec run an asyncio loop in a background thread, which a worker forked from
 the training process would inherit in an unusable state.
@@ -25,7 +27,7 @@ the training process would inherit in an unusable state.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -35,7 +37,7 @@ from ..cache import Cache
 from ..errors import AttncacheError
 from ..sources import Source, open_image
 from ..store.format import row_of
-from ..views import View, ViewPolicy, render
+from ..views import View, ViewPolicy, drop_path_keep, render
 
 
 @dataclass(frozen=True)
@@ -53,25 +55,40 @@ class RenderSpec:
 
 
 class ViewStream(IterableDataset):
-    """Yields ready batches: {"images", "labels", "rows", "fields", "epoch", "index"} (or {"error": msg})."""
+    """Yields ready batches: {"images", "labels", "rows", "fields", "epoch", "index"}, plus "partner_labels" and
+    "lam" where views are mixed and "drop_path_keep" (B, depth) where they carry the teacher's drop-path masks
+    (or {"error": msg})."""
 
     def __init__(self, *, render_spec: RenderSpec, batch_size: int, shuffle: bool, seed: int = 0,
                  cache: Cache | None = None, with_maps: bool = True, source: Source | None = None,
                  samples: list[dict] | None = None, policy: ViewPolicy | None = None,
-                 rank: int = 0, world_size: int = 1, shuffle_buffer: int = 2048, drop_last: bool | None = None):
-        """A `cache` (views and maps; images from `source` unless embedded), or live `samples` + `policy`."""
+                 rank: int = 0, world_size: int = 1, shuffle_buffer: int = 2048, drop_last: bool | None = None,
+                 depth: int | None = None):
+        """A `cache` (views and maps; images from `source` unless embedded), or live `samples` + `policy` (with
+        the teacher's `depth` when the policy draws drop-path masks)."""
         if cache is None and (samples is None or policy is None):
             raise ValueError("a live stream needs samples and a view policy")
         self.render_spec, self.batch_size, self.shuffle, self.seed = render_spec, batch_size, shuffle, seed
         self.cache, self.with_maps, self.source = cache, with_maps, source
         self._samples, self.policy = samples, policy
         self.rank, self.world_size, self.shuffle_buffer = rank, world_size, shuffle_buffer
+        self.depth = depth
         self.drop_last = shuffle if drop_last is None else drop_last
         self._position = [0, 0]  # (epoch, first batch); shared memory once a multi-process loader is made
 
     @property
     def samples(self) -> list[dict]:
         return self.cache.samples if self.cache is not None else self._samples
+
+    @property
+    def mixes(self) -> bool:
+        return (self.cache.policy if self.cache is not None else self.policy).augment.mixes
+
+    def _sample_by_key(self, key: str) -> tuple[int, dict]:
+        if getattr(self, "_key_index", None) is None:
+            self._key_index = {s["key"]: i for i, s in enumerate(self.samples)}
+        index = self._key_index[key]
+        return index, self.samples[index]
 
     def set_position(self, epoch: int, start: int = 0) -> None:
         """The next iteration yields `epoch`'s batches from index `start` on (set before `iter(loader)`)."""
@@ -149,38 +166,60 @@ class ViewStream(IterableDataset):
             raw = cache.read_fields([items[j] for j in order])
             inverse = torch.from_numpy(np.argsort(order, kind="stable"))
             fields = {name: a[inverse].contiguous() for name, a in raw.items()}
-        blobs = cache.reader.read_images(items) if cache.manifest["store"]["embed_images"] else [None] * len(items)
-        images, labels = [], []
-        for row, blob in zip(items, blobs, strict=True):
-            sample = cache.sample(row)
-            images.append(self._render(sample, cache.view(row), blob))
-            labels.append(sample["label"])
-        return {"images": torch.stack(images), "labels": torch.tensor(labels, dtype=torch.int64),
-                "rows": torch.tensor(items, dtype=torch.int64), "fields": fields}
+        embedded = cache.manifest["store"]["embed_images"]
+        blobs = cache.reader.read_images(items) if embedded else [None] * len(items)
+        views = [(cache.sample(row), cache.view(row), blob) for row, blob in zip(items, blobs, strict=True)]
+        return {**self._render_batch(views), "rows": torch.tensor(items, dtype=torch.int64), "fields": fields}
 
     def _load_live(self, epoch: int, items: list[int]) -> dict:
-        policy = self.policy
+        policy, r = self.policy, self.render_spec
         if policy.split == "train":  # a fresh draw every epoch, still a pure function of (seed, epoch, key)
-            policy = ViewPolicy(split="train", views_per_image=1, seed=self.seed * 1_000_003 + epoch,
-                                scale=policy.scale, ratio=policy.ratio, hflip=policy.hflip)
-        images = []
-        for i in items:
-            sample = self._samples[i]
-            view = policy.draw(sample["key"], sample["width"], sample["height"], self.render_spec.size)[0]
-            images.append(self._render(sample, view, None))
-        return {"images": torch.stack(images), "rows": torch.tensor(items, dtype=torch.int64), "fields": {},
-                "labels": torch.tensor([self._samples[i]["label"] for i in items], dtype=torch.int64)}
+            policy = replace(policy, views_per_image=1, seed=self.seed * 1_000_003 + epoch)
+        views = [(self._samples[i], policy.view(self._samples, i, 0, r.size, mean=r.mean,
+                                                interpolation=r.interpolation, depth=self.depth), None)
+                 for i in items]
+        return {**self._render_batch(views), "rows": torch.tensor(items, dtype=torch.int64), "fields": {}}
 
-    def _render(self, sample: dict, view: View, blob: bytes | None) -> torch.Tensor:
+    def _render_batch(self, views: list[tuple[dict, View, bytes | None]]) -> dict:
+        """Pixels and labels of (sample, view, image bytes or None) triples; partner labels and lambdas too when
+        the stream mixes (lam 1 and the view's own label for a view that happens not to be mixed)."""
+        images, labels, partner_labels, lams = [], [], [], []
+        for sample, view, blob in views:
+            partner = None
+            if view.mix is not None:
+                partner_index, partner = self._sample_by_key(view.mix.partner)
+            images.append(self._render(sample, view, blob, partner))
+            labels.append(sample["label"])
+            partner_labels.append(partner["label"] if partner is not None else sample["label"])
+            lams.append(view.mix.lam if view.mix is not None else 1.0)
+        out = {"images": torch.stack(images), "labels": torch.tensor(labels, dtype=torch.int64)}
+        keep, _ = drop_path_keep([view for _, view, _ in views])
+        if keep is not None:
+            out["drop_path_keep"] = keep
+        if self.mixes:
+            out.update(partner_labels=torch.tensor(partner_labels, dtype=torch.int64),
+                       lam=torch.tensor(lams, dtype=torch.float64))
+        return out
+
+    def _image(self, sample: dict, blob: bytes | None):
+        """The decoded image of `sample`, from `blob` or read by key, after checking its sha256."""
         key = sample["key"]
         where = self.source.where(key) if self.source is not None else f"{self.cache.root}:{key}"
         if blob is None:
-            blob = self.source.read_key(key)
+            if self.source is None:  # a mixing partner of a cache that embeds its images
+                partner_row = row_of(self._sample_by_key(key)[0], 0, self.cache.num_samples)
+                blob = self.cache.reader.read_images([partner_row])[0]
+            else:
+                blob = self.source.read_key(key)
         if hashlib.sha256(blob).hexdigest() != sample["sha256"]:
             raise AttncacheError(f"image {where} differs from the one the cache was extracted from (sha256 "
                                  "mismatch): its cached maps belong to other pixels")
+        return open_image(blob, where)
+
+    def _render(self, sample: dict, view: View, blob: bytes | None, partner: dict | None = None) -> torch.Tensor:
         r = self.render_spec
-        return render(open_image(blob, where), view, r.size, r.interpolation, r.mean, r.std)
+        partner_image = self._image(partner, None) if partner is not None else None
+        return render(self._image(sample, blob), view, r.size, r.interpolation, r.mean, r.std, partner=partner_image)
 
 
 def make_loader(stream: ViewStream, workers: int, pin_memory: bool = False) -> DataLoader:

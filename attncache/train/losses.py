@@ -27,4 +27,23 @@ def gta_loss(teacher_cls: torch.Tensor, student_cls: list[torch.Tensor]) -> torc
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Cross-entropy against class indices (label smoothing applied here), or against soft targets of mixed
+    views (`mixed_targets`, smoothing already in them): timm's SoftTargetCrossEntropy."""
+    if labels.is_floating_point():
+        from timm.loss import SoftTargetCrossEntropy
+
+        return SoftTargetCrossEntropy()(logits.float(), labels)
     return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+
+
+def mixed_targets(labels: torch.Tensor, partner_labels: torch.Tensor, lam: torch.Tensor, num_classes: int,
+                  label_smoothing: float) -> torch.Tensor:
+    """timm's `mixup_target` with a lambda per view: lam * smooth(y) + (1 - lam) * smooth(y_partner)."""
+    from timm.data.mixup import one_hot
+
+    off = label_smoothing / num_classes
+    on = 1.0 - label_smoothing + off
+    y1 = one_hot(labels, num_classes, on, off)
+    y2 = one_hot(partner_labels, num_classes, on, off)
+    lam = lam.to(y1.dtype)[:, None]
+    return y1 * lam + y2 * (1.0 - lam)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..cache import Cache
-from ..teacher import AttentionCapture
+from ..teacher import AttentionCapture, drop_path_masks
 from .modes import Mode
 
 
@@ -25,10 +25,12 @@ class CachedMaps:
 
 
 class LiveMaps:
-    """The same targets from a live teacher, on the images the student is about to see."""
+    """The same targets from a live teacher, on the images the student is about to see (and with the drop-path
+    masks the views carry, as the cache's teacher ran)."""
 
-    def __init__(self, model: torch.nn.Module, layers: list[int], mode: Mode):
-        self.capture, self.mode = AttentionCapture(model, layers, mode.live_payload), mode
+    def __init__(self, model: torch.nn.Module, layers: list[int], mode: Mode, drop_path_rate: float = 0.0):
+        self.capture, self.mode, self.rate = AttentionCapture(model, layers, mode.live_payload), mode, drop_path_rate
 
     def __call__(self, batch: dict, images: torch.Tensor) -> torch.Tensor:
-        return self.mode.teacher_targets(self.capture(images), self.capture.payload)
+        with drop_path_masks(self.capture.model, batch.get("drop_path_keep"), self.rate):
+            return self.mode.teacher_targets(self.capture(images), self.capture.payload)

@@ -21,7 +21,7 @@ from ..files import StrictJSONError, read_json
 from ..rundir import FINISHED, RESUME, RunDir
 from ..sources import open_source
 from ..teacher import TeacherSpec, geometry_differences, parse_layers
-from ..views import ViewPolicy
+from ..views import Augmentation, ViewPolicy
 from .checkpoint import CHECKPOINT, CONFIG, METRICS, RESULTS
 from .config import RUNTIME_OPTIONS, TrainConfig, check_options
 from .engine import Engine
@@ -68,11 +68,13 @@ class Trainer:
                     flag == "--cache" or self.mode.eval_with_maps)
                 check_cache_serves(cache, flag, self.teacher, self.layers, self.mode, needs_maps)
         self.train_stream, self.num_classes = self._train_stream()
+        self.teacher_drop_path = self._teacher_drop_path()
         self.val_stream = self._val_stream() if evaluate else None
         self.model, self.student_spec = self._student()
         self.engine = Engine(cfg, self.mode, self.model, self.layers, self._maps(self.cache), self._val_maps(evaluate),
                              self.train_stream, self.val_stream, self.device, self.out,
-                             {"student": self.student_spec.to_json(), "layers": self.layers})
+                             {"student": self.student_spec.to_json(), "layers": self.layers},
+                             teacher_drop_path=self.teacher_drop_path)
 
     # -- setup -----------------------------------------------------------------------------------------------
 
@@ -114,6 +116,7 @@ class Trainer:
         common = dict(render_spec=RenderSpec.of(self.teacher), batch_size=cfg.batch_size, shuffle=True,
                       seed=cfg.seed, source=source)
         if self.cache is not None:
+            check_augmentation(self.cache, cfg.augment)
             check_images(self.cache, source, "--cache", "--data")
             stream = ViewStream(cache=self.cache, with_maps=self.live_teacher is None and self.mode.needs_maps,
                                 **common)
@@ -122,12 +125,23 @@ class Trainer:
             if source is None:
                 raise AttncacheError("pass --data (train images) or --cache")
             samples = [s.to_json() for s in source.scan()]
-            stream = ViewStream(samples=samples, policy=ViewPolicy(split="train"), **common)
+            stream = ViewStream(samples=samples, policy=ViewPolicy(split="train", augment=cfg.augment),
+                                depth=self.teacher.depth, **common)
             classes = source.classes
         unlabeled = next((s["key"] for s in samples if s["label"] < 0), None)
         if unlabeled is not None:
             raise AttncacheError(f"training needs labels: sample {unlabeled!r} has none (use class folders)")
         return stream, max(len(classes), 1 + max(s["label"] for s in samples))
+
+    def _teacher_drop_path(self) -> float:
+        """The rate of the drop-path masks the training views carry; the student's own drop-path must match it
+        (its transferred blocks reuse the masks, the others draw at that rate)."""
+        policy = self.cache.policy if self.cache is not None else self.train_stream.policy
+        rate = policy.augment.teacher_drop_path
+        if rate and self.mode.needs_maps and self.cfg.drop_path != rate:
+            raise AttncacheError(f"the training views carry the teacher's drop-path masks at rate {rate}: train "
+                                 f"with --drop-path {rate} (got {self.cfg.drop_path})")
+        return rate
 
     def _val_stream(self) -> ViewStream | None:
         cfg = self.cfg
@@ -157,7 +171,7 @@ class Trainer:
         if not self.mode.needs_maps:
             return None
         if self.live_teacher is not None:
-            return LiveMaps(self.live_teacher, self.layers, self.mode)
+            return LiveMaps(self.live_teacher, self.layers, self.mode, self.teacher_drop_path)
         return CachedMaps(cache, self.layers, self.mode, self.device) if cache is not None else None
 
     def _val_maps(self, evaluate: bool):
@@ -187,6 +201,18 @@ class Trainer:
             devices = [self.device.index or 0] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):  # the run's randomness (drop-path) is its own
                 return self.engine.fit(resume=state == RESUME and (self.out / CHECKPOINT).is_file())
+
+
+def check_augmentation(cache: Cache, wanted: Augmentation) -> None:
+    """A cache's views carry their augmentation: asking for other augmentation than the cache holds is an error
+    (mixing or augmenting only the student's input would show it pixels its teacher never saw)."""
+    held = cache.policy.augment
+    if wanted.enabled and wanted != held:
+        diff = [f"{k} {getattr(held, k)!r} (asked: {getattr(wanted, k)!r})" for k in vars(wanted)
+                if getattr(held, k) != getattr(wanted, k)]
+        raise AttncacheError(f"--cache {cache.root}: its views were drawn with other augmentation: "
+                             f"{'; '.join(diff)}. Extract a cache with that augmentation (e.g. `attncache extract "
+                             "--recipe ...`), or drop the augmentation options: a cache's views carry their own")
 
 
 def same_geometry(a: TeacherSpec, b: TeacherSpec, flag_a: str, flag_b: str) -> None:
