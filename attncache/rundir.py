@@ -72,29 +72,41 @@ class RunDir:
                                  "choose another --out")
         return FINISHED if (out / self.done_file).is_file() else RESUME
 
-    def claim(self, plan: dict) -> str:
-        """Lock the directory and record `plan`; returns the state check() gives."""
+    def claim(self, plan: dict, shared: bool = False) -> str:
+        """Lock the directory and record `plan`; returns the state check() gives.
+
+        `shared`: one of several processes that write distinct parts of the same plan (independent extraction
+        jobs): wait for the lock instead of refusing, and leave temporary files alone (another part may be
+        writing them); the caller releases the lock once its setup is written."""
         state = self.check(plan)
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock()
+        self._lock(blocking=shared)
+        if shared:
+            state = self.check(plan)  # again under the lock: another part may have claimed it meanwhile
         if state == RECLAIM:
             if self._discard is not None:
                 self._discard(self.path, self._recorded_plan(self.path))
             state = NEW
-        remove_partials(self.path)
+        if not shared:
+            remove_partials(self.path)
         atomic_write_json(self.path / self.plan_file, plan)  # also when finished: a repair must stay resumable
         return state
 
-    def _lock(self) -> None:
+    def _lock(self, blocking: bool = False) -> None:
         if self._lock_fd is not None:
             return
         fd = os.open(self.path, os.O_RDONLY)  # a lock on the directory itself: no lock file in the result
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
             os.close(fd)
             raise AttncacheError(f"--out {self.path}: another attncache process is writing to it") from exc
         self._lock_fd = fd
+
+    def lock(self) -> None:
+        """Wait for the directory's lock (held until `release()`)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock(blocking=True)
 
     def release(self) -> None:
         if self._lock_fd is not None:

@@ -7,6 +7,7 @@ run exits 130 (SIGINT) or 143 (SIGTERM) after one line saying where its checkpoi
 from __future__ import annotations
 
 import json
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -142,6 +143,9 @@ def extract(
     mix_switch: MixSwitch = 0.5,
     teacher_drop_path: TeacherDropPath = 0.0,
     shard_records: int | None = typer.Option(None, help="records per shard (default: ~256 MB raw)"),
+    num_shards: int = typer.Option(1, help="independent jobs writing OUT (e.g. a SLURM array); see --shard-index"),
+    shard_index: int = typer.Option(0, help="this job's index, 0..num-shards-1: it writes the shards s with "
+                                            "s mod num-shards = index"),
     embed_images: bool = typer.Option(False, help="wds only: put the image bytes beside the maps"),
     workers: int = typer.Option(2, help="threads that decode and render images"),
     limit: int | None = typer.Option(None, help="only the first N images (smoke runs)"),
@@ -158,14 +162,33 @@ def extract(
             teacher=teacher_options(teacher, weights, pretrained, image_size, teacher_arg), data=data,
             out=str(out), format=format.value, views=views, split=split.value, layers=layers, payload=payload,
             codec=codec, codec_params=parse_kwargs(codec_arg, "--codec-arg"), batch_size=batch_size, device=device,
-            amp=amp, seed=seed, records_per_shard=shard_records, embed_images=embed_images, workers=workers,
+            amp=amp, seed=seed, records_per_shard=shard_records, num_shards=num_shards, shard_index=shard_index,
+            embed_images=embed_images, workers=workers,
             limit=limit, repair=repair, progress=not quiet,
             **augmentation(randaugment, erase_prob, erase_mode, erase_count, mixup, cutmix, mix_prob, mix_switch,
                            teacher_drop_path))
         manifest = run_extract(extract_config(recipe, **typed_only(ctx, options, recipe)))
     except AttncacheError as exc:
         _fail(exc)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 speaks for the job
+        return
+    if manifest is None:
+        typer.echo(f"wrote part {shard_index + 1}/{num_shards} of {out}; the cache is complete when every part is "
+                   f"(the last to finish writes the manifest, or run `attncache merge {out}`)")
+        return
     typer.echo(f"wrote {out}: {manifest['store']['records']} records in {len(manifest['store']['shards'])} shards")
+
+
+@app.command()
+def merge(cache: Path = typer.Argument(..., help="cache directory written by --num-shards jobs")):
+    """Write the manifest of a cache whose shards independent jobs wrote, once all of them are finished."""
+    from attncache.extract import merge as run_merge
+
+    try:
+        manifest = run_merge(cache)
+    except AttncacheError as exc:
+        _fail(exc)
+    typer.echo(f"wrote {cache}: {manifest['store']['records']} records in {len(manifest['store']['shards'])} shards")
 
 
 @app.command()
@@ -270,7 +293,8 @@ def train(
     except RunInterrupted as exc:
         typer.echo(f"interrupted: {exc.message}", err=True)
         raise typer.Exit(128 + exc.signum) from None
-    typer.echo(json.dumps(results, indent=2))
+    if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 speaks for the job
+        typer.echo(json.dumps(results, indent=2))
 
 
 @app.command("eval")

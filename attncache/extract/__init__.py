@@ -4,6 +4,12 @@ Order of work, cheapest checks first: options (config.py), `--out` (is it free, 
 listing (a finished cache of the same plan stops here: nothing to do), the scan (every image hashed and decoded, so
 a corrupt one is named before the teacher runs), the claim of `--out` (plan.py), then the pipeline over the shards
 not yet complete (pipeline.py), and the manifest, written last.
+
+Many processes: under torchrun every rank runs `extract()`; rank 0 scans, claims and writes the plan, index files and
+store metadata, then each rank writes the whole shards s with s mod world = rank, and rank 0 writes the manifest
+after a barrier. Independent jobs (`--num-shards S --shard-index i`, a SLURM array) each take the shards s with
+s mod S = i (and split them over their own ranks); the last one to finish writes the manifest, or `merge()` does.
+Shards, batches and bytes do not depend on how the work was split.
 """
 
 from __future__ import annotations
@@ -12,22 +18,21 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .. import __version__
 from ..device import parse_device
+from ..distributed import World
 from ..errors import AttncacheError
-from ..files import atomic_write_bytes, atomic_write_json, dumps_canonical, remove_partials
+from ..files import atomic_write_bytes, dumps_canonical, read_json
 from ..rundir import FINISHED
 from ..sources import open_source
 from ..store import WRITERS
 from ..store.format import (
     FORMAT_NAME,
     MANIFEST,
+    PLAN,
     SAMPLES,
     VIEWS,
     dataset_fingerprint,
-    metadata_paths,
     sample_and_view,
-    validate_manifest,
 )
 from ..teacher import AttentionCapture, parse_layers
 from ..views import View, ViewPolicy
@@ -35,7 +40,7 @@ from . import plan as plans
 from .config import ExtractConfig, check_options
 from .pipeline import Work, run_pipeline
 
-__all__ = ["ExtractConfig", "extract"]
+__all__ = ["ExtractConfig", "extract", "merge"]
 
 
 def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, stats: dict | None = None) -> dict:
@@ -48,6 +53,8 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, s
     out = Path(cfg.out)
     plans.check_out_is_free(out)
     device = parse_device(cfg.device)
+    world = World.from_env(device)  # torchrun: every rank runs this function, each on its own shards
+    device = world.device(device)
     model, spec = cfg.teacher.build(device)
     layers = parse_layers(cfg.layers, spec.depth)
     payload = cfg.payload or codec.payloads[0]
@@ -79,8 +86,11 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, s
         _log(cfg, f"{out}: finished cache of this plan, nothing to do (`attncache verify` re-hashes it)")
         return done
 
-    _log(cfg, f"scanning {source.description} ({len(entries)} images) ...")
-    samples = [s.to_json() for s in source.scan(cfg.workers, plans.load_scan(out))]
+    samples = None
+    if world.is_main:  # one rank hashes and decodes every image; the others get its result
+        _log(cfg, f"scanning {source.description} ({len(entries)} images) ...")
+        samples = [s.to_json() for s in source.scan(cfg.workers, plans.load_scan(out))]
+    samples = world.broadcast(samples)
     views = policy.views(samples, spec.image_size, mean=spec.mean, interpolation=spec.interpolation,
                          depth=spec.depth)
     samples_bytes = b"".join(dumps_canonical(s) + b"\n" for s in samples)
@@ -94,18 +104,36 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, s
         "files": {SAMPLES: plans.index_file_entry(SAMPLES, samples_bytes),
                   VIEWS: plans.index_file_entry(VIEWS, views_bytes)},
     }
+    part = cfg.num_shards > 1  # one of several independent jobs (a SLURM array): claim, write, leave the rest
     run_dir = plans.cache_dir(out)
     with run_dir:
-        state = run_dir.claim(plan)
-        if state == FINISHED:  # same plan, but a file is damaged or --repair asked for a full check
-            plans.reopen_finished(out)
-        plans.save_scan(out, samples, [e.stamp for e in entries])
-        atomic_write_bytes(out / SAMPLES, samples_bytes)
-        atomic_write_bytes(out / VIEWS, views_bytes)
-        writer = WRITERS[cfg.format](out, fields, codec.compressor(), records, per_shard, cfg.embed_images)
+        writer, error = None, None
+        if world.is_main:
+            try:
+                state = run_dir.claim(plan, shared=part)
+                if state == FINISHED:  # same plan, but a file is damaged or --repair asked for a full check
+                    plans.reopen_finished(out)
+                plans.save_scan(out, samples, [e.stamp for e in entries])
+                atomic_write_bytes(out / SAMPLES, samples_bytes)
+                atomic_write_bytes(out / VIEWS, views_bytes)
+                writer = WRITERS[cfg.format](out, fields, codec.compressor(), records, per_shard, cfg.embed_images)
+            except AttncacheError as exc:
+                error = str(exc)
+            if part:
+                run_dir.release()  # the other parts write their own shards meanwhile
+        # the plan, index files and store metadata exist before any rank writes a shard (or every rank stops)
+        error = world.broadcast(error)
+        if error is not None:
+            raise AttncacheError(error)
+        if writer is None:
+            writer = WRITERS[cfg.format](out, fields, codec.compressor(), records, per_shard, cfg.embed_images)
         shards = plans.num_shards(records, per_shard)
-        pending = [s for s in range(shards) if not plans.shard_done(out, s, writer.shard_paths(s), cfg.repair)]
-        _log(cfg, f"{records} records in {shards} shards, {shards - len(pending)} already complete")
+        mine = plans.shards_of(shards, cfg.num_shards * world.size, cfg.shard_index * world.size + world.rank)
+        pending = [s for s in mine if not plans.shard_done(out, s, writer.shard_paths(s), cfg.repair)]
+        who = f"part {cfg.shard_index + 1}/{cfg.num_shards}, " if part else ""
+        who += f"rank {world.rank}/{world.size}: " if world.distributed else ""
+        _log(cfg, f"{who}{len(mine)} of {shards} shards ({records} records in all), {len(mine) - len(pending)} "
+                  "already complete")
         start = time.perf_counter()
         if pending:
             work = Work(out, spec, source, samples, views, per_shard, records, cfg.embed_images)
@@ -113,32 +141,47 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, s
                 run_pipeline(work, pending, capture, codec, writer, batch_size=cfg.batch_size,
                              workers=cfg.workers, device=device, amp=cfg.amp, progress=cfg.progress,
                              on_shard=on_shard)
+        done = sum(min(per_shard, records - s * per_shard) for s in pending)
+        seconds = time.perf_counter() - start
         if stats is not None:
-            stats.update(pipeline_s=time.perf_counter() - start,
-                         records=sum(min(per_shard, records - s * per_shard) for s in pending))
-        manifest = {
-            **plan,
-            "created_by": f"attncache {__version__}",
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "store": {**plan["store"],
-                      "shards": [plans.shard_entry(out, s, per_shard, records) for s in range(shards)],
-                      "metadata_files": [_metadata_entry(out, p) for p in metadata_paths(cfg.format, fields)]},
-        }
-        validate_manifest(manifest)
-        remove_partials(out)  # a finished cache holds only the files its format names
-        atomic_write_json(out / MANIFEST, manifest)
-        plans.remove_progress(out)
+            stats.update(pipeline_s=seconds, records=done)
+        if world.distributed:  # throughput per rank and in total, said once by rank 0
+            per_rank = world.gather((done, seconds))
+            total = sum(r for r, _ in per_rank) / max(1e-9, max(t for _, t in per_rank))
+            if world.is_main:
+                _log(cfg, f"{sum(r for r, _ in per_rank)} records: {total:.1f} views/s in total; per rank "
+                          + ", ".join(f"{r / max(1e-9, t):.1f}" for r, t in per_rank))
+        world.barrier()
+        manifest = None
+        if world.is_main:
+            if part:  # the part that finishes last writes the manifest; the others leave it to it (or to merge)
+                run_dir.lock()
+                manifest = plans.finish(out, required=False)
+                if manifest is None:
+                    _log(cfg, f"{who}done; the cache is complete once every part is (`attncache merge {out}`)")
+            else:
+                manifest = plans.finish(out)
+        manifest = world.broadcast(manifest)
     return manifest
+
+
+def merge(out: str | Path) -> dict:
+    """Write the manifest of a cache whose shards were written by independent jobs (`--num-shards`), once every
+    shard is durable; a finished cache's manifest is returned as it is."""
+    out = Path(out)
+    run_dir = plans.cache_dir(out)
+    with run_dir:
+        if (out / MANIFEST).is_file() and not (out / PLAN).is_file():
+            return read_json(out / MANIFEST)
+        if not (out / PLAN).is_file():
+            raise AttncacheError(f"{out}: no extraction in progress here (no {PLAN}); nothing to merge")
+        run_dir.lock()
+        return plans.finish(out)
 
 
 def _view_record(row: int, num_samples: int, view: View) -> dict:
     sample_index, view_index = sample_and_view(row, num_samples)
     return {"sample": sample_index, "view": view_index, **view.to_json()}
-
-
-def _metadata_entry(out: Path, rel: str) -> dict:
-    record = plans.file_record(out, rel)
-    return {k: record[k] for k in ("path", "bytes", "sha256")}
 
 
 def _log(cfg: ExtractConfig, msg: str) -> None:

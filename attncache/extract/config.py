@@ -28,6 +28,8 @@ class ExtractConfig:
     device: str = "cpu"
     seed: int = 0
     augment: Augmentation = field(default_factory=Augmentation)  # RandAugment, erasing, mixup/cutmix (train split)
+    num_shards: int = 1  # independent jobs writing this cache (a SLURM array); this is job `shard_index`
+    shard_index: int = 0
     records_per_shard: int | None = None
     embed_images: bool = False
     workers: int = 2
@@ -48,6 +50,9 @@ def check_options(cfg: ExtractConfig) -> Codec:
             raise AttncacheError(f"--{name} {value}: must be >= 1")
     if cfg.records_per_shard is not None and cfg.records_per_shard < 1:
         raise AttncacheError(f"--shard-records {cfg.records_per_shard}: must be >= 1")
+    if cfg.num_shards < 1 or not 0 <= cfg.shard_index < cfg.num_shards:
+        raise AttncacheError(f"--num-shards {cfg.num_shards} --shard-index {cfg.shard_index}: expected "
+                             "0 <= shard-index < num-shards")
     if cfg.limit is not None and cfg.limit < 1:
         raise AttncacheError(f"--limit {cfg.limit}: must be >= 1")
     if cfg.augment.enabled and cfg.split != "train":

@@ -8,6 +8,7 @@ and drops a completion marker per shard. The first error of any stage is raised 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import queue
 import threading
 import time
@@ -121,8 +122,8 @@ def run_pipeline(work: Work, pending: list[int], capture: AttentionCapture, code
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     n, per_shard, records = len(work.samples), work.per_shard, work.records
-    rows = [r for s in pending for r in range(s * per_shard, min(records, (s + 1) * per_shard))]
     shard_rows = {s: min(per_shard, records - s * per_shard) for s in pending}
+    left = dict(shard_rows)  # rows of each shard not yet in a batch
     writer_thread = ShardWriterThread(writer, work.out, on_shard)
     writer_thread.start()
     buffers: dict[int, list] = {}
@@ -153,16 +154,20 @@ def run_pipeline(work: Work, pending: list[int], capture: AttentionCapture, code
                TextColumn("{task.fields[rate]:.1f} views/s"), TimeRemainingColumn()]
     start = time.perf_counter()
     with Progress(*columns, disable=not progress, transient=False) as bar, ThreadPoolExecutor(workers) as pool:
-        task = bar.add_task("extract", total=len(rows), rate=0.0)
+        task = bar.add_task("extract", total=sum(shard_rows.values()), rate=0.0)
+        # Batches never span two shards: a shard's batches (and so its bytes) are the same whichever process
+        # writes it, alongside whichever other shards.
+        rendered = itertools.chain.from_iterable(
+            _rendered_rows(work, list(range(s * per_shard, s * per_shard + shard_rows[s])), pool, 4 * batch_size)
+            for s in pending)
         batch: list = []
         try:
-            for item in _rendered_rows(work, rows, pool, window=4 * batch_size):
+            for item in rendered:
                 batch.append(item)
-                if len(batch) == batch_size:
+                left[item[0] // per_shard] -= 1
+                if len(batch) == batch_size or left[item[0] // per_shard] == 0:
                     flush(batch)
                     batch = []
                     bar.update(task, rate=bar.tasks[0].completed / max(1e-9, time.perf_counter() - start))
-            if batch:
-                flush(batch)
         finally:
             writer_thread.finish()

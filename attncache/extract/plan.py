@@ -12,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import math
 import shutil
+import time
 from pathlib import Path
 
 from ..errors import AttncacheError
-from ..files import StrictJSONError, atomic_write_json, dumps_canonical, read_json, write_jsonl
+from ..files import StrictJSONError, atomic_write_json, dumps_canonical, read_json, remove_partials, write_jsonl
 from ..rundir import RunDir
 from ..store.format import (
     MANIFEST,
@@ -24,9 +25,12 @@ from ..store.format import (
     SAMPLES,
     VIEWS,
     WDS_SHARD_DIR,
+    metadata_paths,
     named_files,
     parse_jsonl,
     parse_manifest,
+    shard_paths,
+    validate_manifest,
 )
 
 TARGET_SHARD_BYTES = 256 << 20  # raw bytes per shard before compression; webdataset's usual 100 MB-1 GB range
@@ -179,6 +183,42 @@ def shard_entry(out: Path, shard: int, per_shard: int, records: int) -> dict:
 
 def num_shards(records: int, per_shard: int) -> int:
     return math.ceil(records / per_shard)
+
+
+def shards_of(shards: int, slots: int, slot: int) -> list[int]:
+    """The whole shards one process writes: shard s belongs to slot s mod slots (slot = job x ranks + rank), so
+    processes never share a shard (zarr rewrites a shard whole; two writers would lose records)."""
+    return list(range(slot, shards, slots))
+
+
+def finish(out: Path, required: bool = True) -> dict | None:
+    """Write the manifest (last) once every shard of the plan is durable; remove the resume state and any
+    temporary file. With `required=False`, None when shards are still missing (another part is writing them)."""
+    from .. import __version__
+
+    plan = read_json(out / PLAN)
+    store, fields = plan["store"], plan["codec"]["fields"]
+    records, per_shard = store["records"], store["records_per_shard"]
+    shards = num_shards(records, per_shard)
+    missing = [i for i in range(shards) if not shard_done(out, i, shard_paths(store["format"], fields, i))]
+    if missing:
+        if not required:
+            return None
+        raise AttncacheError(f"{out}: {len(missing)} of {shards} shards are not finished (e.g. shard {missing[0]}); "
+                             "re-run the extraction job(s) that own them (they resume), then merge")
+    manifest = {
+        **plan,
+        "created_by": f"attncache {__version__}",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "store": {**store, "shards": [shard_entry(out, i, per_shard, records) for i in range(shards)],
+                  "metadata_files": [{k: file_record(out, rel)[k] for k in ("path", "bytes", "sha256")}
+                                     for rel in metadata_paths(store["format"], fields)]},
+    }
+    validate_manifest(manifest)
+    remove_partials(out)  # a finished cache holds only the files its format names
+    atomic_write_json(out / MANIFEST, manifest)
+    remove_progress(out)
+    return manifest
 
 
 # ---------------------------------------------------------------------------------------------------------------

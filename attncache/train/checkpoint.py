@@ -3,7 +3,8 @@
 ```
 RUN/config.json          what decides the result (options, caches, student, teacher)
 RUN/metrics.jsonl        one JSON object per line: train windows and evaluations
-RUN/checkpoints/last.pt  written atomically: model, optimizer, EMA, RNG, position, metrics line count, log window
+RUN/checkpoints/last.pt  written atomically: model, optimizer, EMA, every rank's RNG, position, metrics line
+                         count, log window (summed over ranks)
 RUN/model.safetensors    the final student (ema.safetensors with --ema)
 RUN/results.json         written last: the run is finished
 ```
@@ -71,27 +72,34 @@ class Window:
 
 
 def save_checkpoint(run: Path, *, position: Position, window: Window, metrics_lines: int, steps_per_epoch: int,
-                    model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema) -> None:
+                    model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema, rng_cpu: list,
+                    rng_cuda: list) -> None:
+    """`rng_cpu`, `rng_cuda`: every rank's RNG states, in rank order (one entry without torchrun)."""
     state = {
         "position": asdict(position), "window": window.state(), "metrics_lines": metrics_lines,
         "steps_per_epoch": steps_per_epoch,
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "ema": ema.module.state_dict() if ema is not None else None,
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "rng_cpu": rng_cpu, "rng_cuda": rng_cuda,
     }
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write_bytes(run / CHECKPOINT, buf.getvalue())
 
 
-def load_checkpoint(run: Path, steps_per_epoch: int) -> dict:
+def load_checkpoint(run: Path, steps_per_epoch: int, world_size: int = 1) -> dict:
     path = run / CHECKPOINT
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         position, window = Position(**state["position"]), Window(**state["window"])
     except Exception as exc:  # noqa: BLE001
         raise AttncacheError(f"{path}: unreadable checkpoint ({exc}); delete it to restart the run") from exc
+    if isinstance(state.get("rng_cpu"), torch.Tensor):  # written before checkpoints held one state per rank
+        state["rng_cpu"], state["rng_cuda"] = [state["rng_cpu"]], [state["rng_cuda"]]
+    if not isinstance(state.get("rng_cpu"), list) or len(state["rng_cpu"]) != world_size:
+        ranks = len(state["rng_cpu"]) if isinstance(state.get("rng_cpu"), list) else 1
+        raise AttncacheError(f"{path}: written by a run of {ranks} process(es); resume it with the same number "
+                             f"(this one has {world_size}): each rank's drop-path randomness is in it")
     if state["steps_per_epoch"] != steps_per_epoch:
         raise AttncacheError(f"{path}: written with {state['steps_per_epoch']} steps per epoch, this run has "
                              f"{steps_per_epoch}; the data changed under the run: choose another --out")

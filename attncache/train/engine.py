@@ -5,6 +5,9 @@
   checkpoint; nothing else draws from it (the loaders have private generators).
 - Ctrl-C and SIGTERM set a flag; the loop stops at the next step boundary (or abandons the evaluation in progress),
   saves a checkpoint with the true position and raises `RunInterrupted`. Re-running the same command resumes.
+- Under torchrun (DDP): each rank trains on its share of every global batch, gradients are averaged by
+  DistributedDataParallel, the logged losses are averaged over ranks, the ranks agree at every step on whether to
+  stop, and only rank 0 evaluates and writes files (checkpoints hold every rank's RNG state).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..distributed import World
 from ..errors import AttncacheError, RunInterrupted
 from ..files import AppendLog, atomic_write_bytes, atomic_write_json
 from ..teacher import drop_path_masks
@@ -57,10 +61,28 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+class NoLog:
+    """The metrics log of a rank other than 0: it writes nothing."""
+
+    lines = 0
+
+    def append(self, record: dict) -> None:
+        pass
+
+    def truncate(self, lines: int) -> None:
+        pass
+
+    def sync(self) -> None:
+        pass
+
+    def read(self) -> list[dict]:
+        return []
+
+
 class Engine:
     def __init__(self, cfg: TrainConfig, mode: Mode, model: torch.nn.Module, layers: list[int], maps, val_maps,
                  train_stream: ViewStream, val_stream: ViewStream | None, device: torch.device, out: Path,
-                 results_extra: dict, teacher_drop_path: float = 0.0):
+                 results_extra: dict, teacher_drop_path: float = 0.0, world: World = World()):
         """`teacher_drop_path`: the rate of the drop-path masks the training views carry (0: none)."""
         self.cfg, self.mode, self.model, self.layers = cfg, mode, model, layers
         self.maps, self.val_maps, self.device, self.out = maps, val_maps, device, out
@@ -73,6 +95,8 @@ class Engine:
         self.use_amp = cfg.amp and device.type == "cuda"
         self.results_extra = results_extra
         self.teacher_drop_path = teacher_drop_path
+        self.world = world
+        self.wrapper = None  # DistributedDataParallel around the model, under torchrun
         self.optimizer: torch.optim.Optimizer | None = None
         self.ema = None
 
@@ -90,6 +114,11 @@ class Engine:
         else:
             groups = param_groups_weight_decay(self.model, cfg.weight_decay, self.model.no_weight_decay())
         self.optimizer = torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(0.9, self.cfg.beta2))
+        if self.world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.wrapper = DistributedDataParallel(self.model, device_ids=ids)
         if self.cfg.ema:
             from timm.utils import ModelEmaV3
 
@@ -126,7 +155,8 @@ class Engine:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         masks = drop_path_masks(self.model, drop_path_keep, self.teacher_drop_path, blocks=self.layers)
         with self.autocast(), masks:
-            out, recorded = student_forward(self.model, images, self.layers, mode.attention, targets)
+            out, recorded = student_forward(self.model, images, self.layers, mode.attention, targets,
+                                            wrapper=self.wrapper)
             ce = classification_loss(out, labels, cfg.label_smoothing)
             transfer = mode.transfer(cfg, targets, recorded) if mode.transfer else torch.zeros((), device=self.device)
             loss = ce + transfer
@@ -148,16 +178,16 @@ class Engine:
         """Train from the start or from the checkpoint to the end (or to --max-steps, or to a signal)."""
         cfg = self.cfg
         self.init_state()
-        self.log = AppendLog(self.out / METRICS)
+        self.log = AppendLog(self.out / METRICS) if self.world.is_main else NoLog()  # rank 0 writes the metrics
         if resume:
-            ck = load_checkpoint(self.out, self.steps_per_epoch)
+            ck = load_checkpoint(self.out, self.steps_per_epoch, self.world.size)
             self.model.load_state_dict(ck["model"])
             self.optimizer.load_state_dict(ck["optimizer"])
             if self.ema is not None and ck["ema"] is not None:
                 self.ema.module.load_state_dict(ck["ema"])
-            torch.set_rng_state(ck["rng_cpu"])
-            if ck["rng_cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(ck["rng_cuda"])
+            torch.set_rng_state(ck["rng_cpu"][self.world.rank])
+            if ck["rng_cuda"][self.world.rank] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(ck["rng_cuda"][self.world.rank])
             self.pos, self.window = ck["position"], ck["window"]
             self.log.truncate(ck["metrics_lines"])  # lines after the checkpoint are about to be recomputed
             self._say(f"resuming at epoch {self.pos.epoch}, step {self.pos.step}")
@@ -190,13 +220,14 @@ class Engine:
         self.model.train()
         self.train_stream.set_position(pos.epoch, pos.batch)
         columns = [TextColumn(f"epoch {pos.epoch + 1}/{cfg.epochs}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[rate]:.1f} img/s  loss {task.fields[loss]:.4f}"), TimeRemainingColumn()]
+                   TextColumn("{task.fields[rate]:.1f} img/s{task.fields[mine]}  loss {task.fields[loss]:.4f}"),
+                   TimeRemainingColumn()]
         window_start = time.perf_counter()
         stream = batches(loader)
         with Progress(*columns, disable=not cfg.progress) as bar:
-            task = bar.add_task("train", total=spe, completed=pos.batch, rate=0.0, loss=0.0)
+            task = bar.add_task("train", total=spe, completed=pos.batch, rate=0.0, loss=0.0, mine="")
             while pos.batch < spe:
-                if stop.requested:
+                if self._agree_to_stop(stop, stop.requested):  # every rank stops at the same step
                     return "signal"
                 if cfg.max_steps is not None and pos.step >= cfg.max_steps:
                     return "max_steps"
@@ -214,11 +245,15 @@ class Engine:
                 pos.step, pos.batch = pos.step + 1, pos.batch + 1
                 self.window.add(losses, len(batch["labels"]))
                 if pos.step % cfg.log_every == 0 or pos.batch == spe:
+                    self._reduce_window()
                     means = self.window.means()
-                    rate = self.window.images / max(1e-9, time.perf_counter() - window_start)
-                    self.log.append({"kind": "train", "step": pos.step, "epoch": pos.epoch,
-                                     "lr": self.lr_at(pos.step - 1), **means, "images_per_s": rate})
-                    bar.update(task, rate=rate, loss=means["loss"])
+                    local = self.window.images / max(1e-9, time.perf_counter() - window_start)
+                    rate = local * self.world.size  # the ranks step in lockstep on equal shares of each batch
+                    if self.world.is_main:
+                        self.log.append({"kind": "train", "step": pos.step, "epoch": pos.epoch,
+                                         "lr": self.lr_at(pos.step - 1), **means, "images_per_s": rate})
+                    mine = f" (rank {self.world.rank}: {local:.1f})" if self.world.distributed else ""
+                    bar.update(task, rate=rate, loss=means["loss"], mine=mine)
                     self.window, window_start = Window(), time.perf_counter()
                 bar.advance(task)
                 if cfg.save_every and pos.step % cfg.save_every == 0:
@@ -234,27 +269,55 @@ class Engine:
         return None if result is None else accuracy(*result)
 
     def _evaluate(self, loader, stop: StopRequest) -> bool:
-        """Evaluate at an epoch end and log it; False if a signal came first (nothing is logged then)."""
+        """Evaluate at an epoch end and log it (rank 0; the others wait at the next collective); False if a
+        signal came first (nothing is logged then)."""
         if loader is None:
-            return not stop.requested
+            return not self._agree_to_stop(stop, stop.requested)
         metrics = {}
         models = [("", self.model)] + ([("_ema", self.ema.module)] if self.ema is not None else [])
         for suffix, model in models:
             result = self.evaluate_model(model, loader, lambda: stop.requested)
             if result is None:
-                return False
+                return not self._agree_to_stop(stop, True)
             metrics.update({f"val_top1{suffix}": result["top1"], f"val_loss{suffix}": result["loss"]})
             if not suffix:
                 metrics["val_images"] = result["images"]
         self.log.append({"kind": "eval", "step": self.pos.step, "epoch": self.pos.epoch + 1, **metrics})
         self._say(f"epoch {self.pos.epoch + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        return not stop.requested
+        return not self._agree_to_stop(stop, stop.requested)
+
+    def _agree_to_stop(self, stop: StopRequest, local: bool) -> bool:
+        """Whether any rank wants to stop (just `local` alone); a rank that got no signal stops as if SIGTERM."""
+        if not self.world.all_max(local):
+            return False
+        if stop.signum is None:
+            stop.signum = signal.SIGTERM
+        return True
+
+    def _reduce_window(self) -> None:
+        """Every rank's window sums become their mean over ranks (a no-op alone). Done before a line is logged
+        and before a checkpoint, so a resumed run (which restores the mean on every rank) logs the same lines."""
+        if not self.world.distributed:
+            return
+        import torch.distributed as dist
+
+        sums = self.window.folded().sums
+        keys = sorted(sums)
+        t = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(t)
+        self.window.sums = {k: v / self.world.size for k, v in zip(keys, t.tolist(), strict=True)}
 
     def save(self) -> None:
+        """A checkpoint of the run (a collective under torchrun: every rank hands in its RNG, rank 0 writes)."""
+        self._reduce_window()
+        rng_cpu = self.world.gather(torch.get_rng_state())
+        rng_cuda = self.world.gather(torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+        if not self.world.is_main:
+            return
         self.log.sync()
         save_checkpoint(self.out, position=self.pos, window=self.window, metrics_lines=self.log.lines,
                         steps_per_epoch=self.steps_per_epoch, model=self.model, optimizer=self.optimizer,
-                        ema=self.ema)
+                        ema=self.ema, rng_cpu=rng_cpu, rng_cuda=rng_cuda)
 
     def _interrupted(self, stop: StopRequest) -> None:
         self.save()
@@ -264,6 +327,11 @@ class Engine:
                                           "command again to resume")
 
     def _finish(self) -> dict:
+        if not self.world.is_main:
+            return self.world.broadcast(None)
+        return self.world.broadcast(self._write_results())
+
+    def _write_results(self) -> dict:
         from safetensors.torch import save
 
         atomic_write_bytes(self.out / MODEL, save(_plain_state(self.model)))
@@ -276,7 +344,7 @@ class Engine:
         return results
 
     def _say(self, msg: str) -> None:
-        if self.cfg.progress:
+        if self.cfg.progress and self.world.is_main:
             from rich.console import Console
 
             Console(stderr=True).print(f"attncache: {msg}", markup=False, highlight=False, emoji=False)

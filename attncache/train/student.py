@@ -68,11 +68,13 @@ class TransferAttention(Attention):
 
 
 def student_forward(model: nn.Module, images: torch.Tensor, layers: Sequence[int], attention: str | None,
-                    teacher_probs: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                    teacher_probs: torch.Tensor | None = None,
+                    wrapper: nn.Module | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Class logits, and (record/record_cls) the student's own attention logits per transferred layer.
 
     `teacher_probs` (B, L, H, N, N) are consumed by "inject"; "record" keeps full (B, H, N, N) logits,
-    "record_cls" [CLS] rows (B, H, 1, N); None runs the plain model.
+    "record_cls" [CLS] rows (B, H, 1, N); None runs the plain model. `wrapper`: what to call instead of `model`
+    (DistributedDataParallel around it), the attention settings still going to `model`'s blocks.
     """
     attns = [model.blocks[layer].attn for layer in layers] if attention else []
     try:
@@ -83,7 +85,7 @@ def student_forward(model: nn.Module, images: torch.Tensor, layers: Sequence[int
                 attn.transfer_probs = teacher_probs[:, i]
             else:
                 attn.record = "cls" if attention == "record_cls" else "logits"
-        out = model(images)
+        out = (wrapper or model)(images)
         recorded = [attn.recorded for attn in attns] if attention in ("record", "record_cls") else []
     finally:
         for attn in attns:

@@ -16,9 +16,10 @@ import torch
 
 from ..cache import Cache, open_cache
 from ..device import parse_device
+from ..distributed import World
 from ..errors import AttncacheError
 from ..files import StrictJSONError, read_json
-from ..rundir import FINISHED, RESUME, RunDir
+from ..rundir import FINISHED, NEW, RESUME, RunDir
 from ..sources import open_source
 from ..teacher import TeacherSpec, geometry_differences, parse_layers
 from ..views import Augmentation, ViewPolicy
@@ -58,6 +59,11 @@ class Trainer:
         check_options(cfg)
         self.cfg, self.mode = cfg, get_mode(cfg.mode)
         self.out, self.device = Path(cfg.out), parse_device(cfg.device)
+        self.world = World.from_env(self.device)  # torchrun: DDP over its ranks; alone: one process
+        self.device = self.world.device(self.device)
+        if cfg.batch_size % self.world.size:
+            raise AttncacheError(f"--batch-size {cfg.batch_size} is the global batch: it must divide evenly over "
+                                 f"the {self.world.size} ranks")
         self.cache = self._open_cache(cfg.cache, "--cache")
         self.val_cache = self._open_cache(cfg.val_cache, "--val-cache")
         self.live_teacher, self.teacher = self._teacher()
@@ -69,12 +75,12 @@ class Trainer:
                 check_cache_serves(cache, flag, self.teacher, self.layers, self.mode, needs_maps)
         self.train_stream, self.num_classes = self._train_stream()
         self.teacher_drop_path = self._teacher_drop_path()
-        self.val_stream = self._val_stream() if evaluate else None
+        self.val_stream = self._val_stream() if evaluate and self.world.is_main else None  # rank 0 evaluates
         self.model, self.student_spec = self._student()
         self.engine = Engine(cfg, self.mode, self.model, self.layers, self._maps(self.cache), self._val_maps(evaluate),
                              self.train_stream, self.val_stream, self.device, self.out,
                              {"student": self.student_spec.to_json(), "layers": self.layers},
-                             teacher_drop_path=self.teacher_drop_path)
+                             teacher_drop_path=self.teacher_drop_path, world=self.world)
 
     # -- setup -----------------------------------------------------------------------------------------------
 
@@ -113,8 +119,9 @@ class Trainer:
     def _train_stream(self) -> tuple[ViewStream, int]:
         cfg = self.cfg
         source = open_source(cfg.data, "train") if cfg.data else None
-        common = dict(render_spec=RenderSpec.of(self.teacher), batch_size=cfg.batch_size, shuffle=True,
-                      seed=cfg.seed, source=source)
+        common = dict(render_spec=RenderSpec.of(self.teacher), batch_size=cfg.batch_size // self.world.size,
+                      shuffle=True, seed=cfg.seed, source=source, rank=self.world.rank,
+                      world_size=self.world.size)
         if self.cache is not None:
             check_augmentation(self.cache, cfg.augment)
             check_images(self.cache, source, "--cache", "--data")
@@ -192,7 +199,16 @@ class Trainer:
         """Run, resume, or (if finished) return the results of the run."""
         config = run_dir(self.out)
         with config:
-            state = config.claim(self.run_config())
+            state = None
+            if self.world.is_main:  # rank 0 claims and writes; the others follow its state
+                try:
+                    state = config.claim(self.run_config())
+                except AttncacheError as exc:
+                    self.world.broadcast(str(exc))
+                    raise
+            state = self.world.broadcast(state)
+            if state not in (NEW, RESUME, FINISHED):
+                raise AttncacheError(state)  # rank 0's error
             if state == FINISHED:
                 try:
                     return read_json(self.out / RESULTS)

@@ -1,0 +1,87 @@
+"""The process group, when a command runs under torchrun (or SLURM's srun with torchrun's variables).
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; `World.from_env()` joins the group (gloo on CPU, nccl on CUDA) and
+says which rank this process is. Without those variables the world is one process and every collective is a no-op,
+so the same code runs alone or distributed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .errors import AttncacheError
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @classmethod
+    def from_env(cls, device: torch.device) -> World:
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        if size <= 1:
+            return cls()
+        rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            try:
+                dist.init_process_group(backend)
+            except (RuntimeError, ValueError) as exc:
+                raise AttncacheError(f"cannot join the torchrun process group ({backend}): {exc}") from exc
+        return cls(rank, size, local_rank)
+
+    def device(self, device: torch.device) -> torch.device:
+        """cuda means this rank's GPU (LOCAL_RANK) when distributed."""
+        if self.distributed and device.type == "cuda" and device.index is None:
+            return torch.device("cuda", self.local_rank)
+        return device
+
+    def barrier(self) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def broadcast(self, obj):
+        """`obj` of rank 0, on every rank."""
+        if not self.distributed:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_max(self, value: float) -> float:
+        if not self.distributed:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order (on every rank)."""
+        if not self.distributed:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
