@@ -8,11 +8,15 @@ DEMO_OUT ?= demo_out
 .PHONY: install test test-slow demo bench lint clean
 
 # (Re)install when the venv is missing or pyproject.toml changed since the last install.
+# pip runs with -qq: its errors still show, its warnings and the build backend's banners do not.
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	@echo "make: installing attncache and its dependencies (torch, timm, zarr, ...) into $(VENV)/;" \
+	  "a few minutes the first time"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -qq --upgrade pip
+	@$(BIN)/python -m pip install -qq -e '.[dev]'
+	@touch $(STAMP)
+	@echo "make: installed"
 
 install: $(STAMP)
 
@@ -20,7 +24,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	@$(BIN)/python -m pip install -qq -e '.[dev,bench]'
 	$(BIN)/python -m pytest -q -m slow
 
 demo: $(STAMP)

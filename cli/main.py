@@ -266,6 +266,7 @@ def train(
     save_every: int | None = typer.Option(None, help="also checkpoint every N steps"),
     log_every: int = typer.Option(10, help="steps per metrics.jsonl line"),
     quiet: bool = typer.Option(False, help="no progress output"),
+    as_json: bool = typer.Option(False, "--json", help="print results.json instead of a short summary"),
 ):
     """Train a student from a cache (or a live teacher); re-running the same command resumes."""
     from attncache.recipes import train_config
@@ -294,7 +295,21 @@ def train(
         typer.echo(f"interrupted: {exc.message}", err=True)
         raise typer.Exit(128 + exc.signum) from None
     if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 speaks for the job
-        typer.echo(json.dumps(results, indent=2))
+        typer.echo(json.dumps(results, indent=2) if as_json else _train_summary(results, out))
+
+
+def _train_summary(results: dict, out: Path) -> str:
+    if "stopped_at_step" in results:
+        return (f"stopped at step {results['stopped_at_step']} (epoch {results['epoch']}, --max-steps); checkpoint "
+                f"in {out}; run the same command without --max-steps to go on")
+    line = f"{results['mode']}: {results['steps']} steps, {results['epochs']} epochs"
+    if "val_top1" in results:
+        line += (f"; val top-1 {results['val_top1']:.1f} % (loss {results['val_loss']:.3f}, "
+                 f"{results['val_images']} images)")
+    if "val_top1_ema" in results:
+        line += f", EMA {results['val_top1_ema']:.1f} %"
+    ema = ["ema.safetensors"] if (out / "ema.safetensors").is_file() else []
+    return f"{line}\n  in {out}: " + ", ".join(["model.safetensors", *ema, "results.json", "metrics.jsonl"])
 
 
 @app.command("eval")
@@ -416,6 +431,35 @@ def bench_train(
     except AttncacheError as exc:
         _fail(exc)
     typer.echo(json.dumps(result, indent=2))
+
+
+@app.command()
+def viz(
+    out: Path = typer.Option(..., help="PNG to write"),
+    cache: str | None = typer.Option(None, help="a cache: draw one of its views' maps"),
+    key: str | None = typer.Option(None, help="the image key in --cache (default: its first)"),
+    view: int = typer.Option(0, help="which view of the image"),
+    data: str | None = typer.Option(None, help="the cache's images (not needed when it embeds them)"),
+    image: Path | None = typer.Option(None, help="an image file for a live --teacher (timm's eval view)"),
+    teacher: OptionalTeacher = None, weights: Weights = None, pretrained: Pretrained = True,
+    image_size: ImageSize = None, teacher_arg: TeacherArg = [],  # noqa: B006
+    checkpoint: Path | None = typer.Option(None, help="a training run: its student's own attention beside"),
+    layers: str | None = typer.Option(None, help="layers to draw (default: all in the cache / the teacher)"),
+    heads: str | None = typer.Option(None, help="heads to draw, e.g. 0-3 (default: all)"),
+    query: str = typer.Option("cls", help="cls, or a patch X,Y whose attention row is drawn"),
+    storage_option: StorageOption = [],  # noqa: B006
+):
+    """A layer x head grid of attention rows over the rendered view (a cached view, or a live teacher)."""
+    from attncache.tools.viz import visualize
+
+    try:
+        path = visualize(out, cache=cache, key=key, view=view, data=data, image=str(image) if image else None,
+                         teacher=teacher_options(teacher, weights, pretrained, image_size, teacher_arg),
+                         checkpoint=str(checkpoint) if checkpoint else None, layers=layers, heads=heads,
+                         query=query, storage_options=storage_options(storage_option))
+    except AttncacheError as exc:
+        _fail(exc)
+    typer.echo(f"wrote {path}")
 
 
 @app.command()

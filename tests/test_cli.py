@@ -170,9 +170,13 @@ def test_train_and_eval_commands(cli_cache, tmp_path):
     run = tmp_path / "run"
     args = ["train", "--mode", "copy", "--cache", cache, "--val-cache", cache, "--out", run, "--epochs", "1",
             "--batch-size", "4", "--workers", "0", "--quiet"]
-    result = _run(*args)
+    result = _run(*args, "--json")
     assert result.exit_code == 0, result.output
     trained = json.loads(result.stdout)
+    again = _run(*args)  # a finished run: its results again, as the short summary
+    assert again.exit_code == 0 and again.stdout.splitlines()[0].startswith(
+        f"copy: {trained['steps']} steps, 1 epochs; val top-1 {trained['val_top1']:.1f} %")
+    assert f"in {run}: model.safetensors, results.json, metrics.jsonl" in again.stdout
     assert trained["mode"] == "copy" and trained["layers"] == [0] and trained["val_images"] == 8
     evaluated = _run("eval", "--checkpoint", run)
     assert evaluated.exit_code == 0, evaluated.output

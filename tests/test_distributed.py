@@ -127,6 +127,16 @@ def test_sigkill_of_a_torchrun_extraction_at_random_points_resumes_to_the_same_c
     cmd = [*TORCHRUN, "2", *_extract_args(tiny_teacher, data, out, shard_records=1)]
     seen = _kill_group_at_random_points(cmd, out, kills=8, seed=1)
     print("durable shards (of 48) after each kill:", seen)
+    # one more, aimed at the end: killed as the last shards become durable, i.e. in the barrier and the manifest
+    # writing (a run that gets there first is fine too: then the re-run below finds a finished cache)
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    while proc.poll() is None and _markers(out) < 47:
+        time.sleep(0.005)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    print("at the end-game kill:", _markers(out), "markers, manifest", (out / "manifest.json").exists())
     finished = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
     _same_cache(straight, out)  # every record decoded equal too: the shard bytes are identical
@@ -175,7 +185,7 @@ def test_two_rank_ddp_equals_one_process_with_the_same_global_batch(request, tmp
                       batch_size=2, epochs=2, workers=0, lr=1e-3, warmup_epochs=0.5, log_every=1, layers="0-1",
                       seed=3, progress=False))
     ddp = tmp_path / "ddp"
-    proc = subprocess.run([*TORCHRUN, "2", *_train_args(cache, image_folder, ddp)], env=_env(),
+    proc = subprocess.run([*TORCHRUN, "2", *_train_args(cache, image_folder, ddp), "--json"], env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout)["steps"] == 6  # one results JSON: rank 0's

@@ -81,7 +81,7 @@ def train_args(caches, out: Path, **overrides) -> list[str]:
             "--val-data": "demo:4", "--out": out, "--epochs": 2, "--batch-size": 2, "--lr": "1e-3",
             "--warmup-epochs": "0.5", "--drop-path": "0.2", "--ema": "0.9", "--workers": 2, "--log-every": 1,
             "--save-every": 3, **overrides}
-    return ["train", *[str(x) for kv in opts.items() for x in kv], "--quiet"]
+    return ["train", *[str(x) for kv in opts.items() for x in kv], "--quiet", "--json"]
 
 
 @pytest.fixture(scope="module")

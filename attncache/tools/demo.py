@@ -7,7 +7,7 @@
    `distill` with the reference recipes (`at-copy`, `at-distill`: RandAugment, erasing, mixup/cutmix views and
    teacher drop-path masks from caches extracted with the recipe, layer decay, EMA, ...), at the demo's epochs,
    batch and lr;
-4. print a results table.
+4. print a results table, and draw the teacher's and the distilled student's attention on a val view (PNG).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from ..teacher import AttentionCapture, TeacherOptions
 from ..train import TrainConfig, train
 from ..views import render
 from .verify import verify_cache
+from .viz import visualize
 
 STUDENT_MODES = ("scratch", "copy", "distill")
 RECIPES = ("at-copy", "at-distill")
@@ -77,6 +78,9 @@ def run_demo(out: str | Path, epochs: int = 30) -> dict:
 
     _say("4/4 results (val: 100 images, 4 classes)")
     _table(rows, results["teacher_val_top1"])
+    picture = visualize(out / "attention.png", cache=str(out / "val_cache"), checkpoint=str(out / "student_distill"))
+    results["attention_png"] = str(picture)
+    print(f"  where the teacher and the distilled student look ([CLS] row, every layer and head): {picture}")
     (out / "demo_results.json").write_text(json.dumps(results, indent=2))
     assert results["replay_max_abs_error"] < 1e-3
     return results
