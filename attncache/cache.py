@@ -66,6 +66,7 @@ class Cache:
         self.policy = ViewPolicy.from_json(m["views"])  # how the views were drawn (augmentation, mixing)
         self._samples: list[dict] | None = None
         self._views: list[dict] | None = None
+        self._parsed_views: list[View] = []
         self._key_index: dict[str, int] | None = None
         self.reader = READERS[m["store"]["format"]](self.fs, m)
 
@@ -92,7 +93,9 @@ class Cache:
     @property
     def views(self) -> list[dict]:
         if self._views is None:
-            self._views = check_views(self._index_file(VIEWS), self.samples, self.manifest, self.fs.where(VIEWS))
+            raw = self._index_file(VIEWS)
+            self._parsed_views = check_views(raw, self.samples, self.manifest, self.fs.where(VIEWS))
+            self._views = raw
         return self._views
 
     def __len__(self) -> int:
@@ -134,7 +137,9 @@ class Cache:
 
     def view(self, row: int) -> View:
         """The stored view parameters of a record (what `render()` replays)."""
-        return View.from_json({k: v for k, v in self.views[row].items() if k not in ("sample", "view")})
+        if self._views is None:
+            _ = self.views  # read and checked once, on first use
+        return self._parsed_views[row]
 
     def __getitem__(self, index) -> CacheItem:
         if isinstance(index, tuple):

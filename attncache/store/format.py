@@ -266,16 +266,17 @@ def _sample_problem(s, classes: list) -> str | None:
     return None
 
 
-def check_views(views: list, samples: list[dict], manifest: dict, where: str = VIEWS) -> list[dict]:
+def check_views(views: list, samples: list[dict], manifest: dict, where: str = VIEWS) -> list:
     """Every line parses as a view of its record; every box lies inside what it cuts; a mixed view's partner is
-    a sample of this cache; no view needs a newer format version than the manifest states."""
+    a sample of this cache; no view needs a newer format version than the manifest states. Returns the parsed
+    `View` of every row (parsed once: the reader uses these)."""
     from ..views import View
 
     n, records = manifest["dataset"]["num_samples"], manifest["store"]["records"]
     size = manifest["teacher"]["image_size"]
     if len(views) != records:
         raise CacheFormatError(f"{where}: {len(views)} lines, manifest says {records} records")
-    by_key = None
+    by_key, parsed = None, []
     for row, v in enumerate(views):
         sample_index, view_index = sample_and_view(row, n)
         if not isinstance(v, dict) or v.get("sample") != sample_index or v.get("view") != view_index:
@@ -301,4 +302,5 @@ def check_views(views: list, samples: list[dict], manifest: dict, where: str = V
                                      f"{manifest['teacher']['depth']}")
         except AttncacheError as exc:
             raise CacheFormatError(f"{where}: line {row + 1}: {exc}") from exc
-    return views
+        parsed.append(view)
+    return parsed

@@ -73,6 +73,7 @@ class ViewStream(IterableDataset):
         self._samples, self.policy = samples, policy
         self.rank, self.world_size, self.shuffle_buffer = rank, world_size, shuffle_buffer
         self.depth = depth
+        self._key_index: dict[str, int] | None = None  # mixing partners by key, built on first use
         self.drop_last = shuffle if drop_last is None else drop_last
         self._position = [0, 0]  # (epoch, first batch); shared memory once a multi-process loader is made
 
@@ -85,7 +86,7 @@ class ViewStream(IterableDataset):
         return (self.cache.policy if self.cache is not None else self.policy).augment.mixes
 
     def _sample_by_key(self, key: str) -> tuple[int, dict]:
-        if getattr(self, "_key_index", None) is None:
+        if self._key_index is None:
             self._key_index = {s["key"]: i for i, s in enumerate(self.samples)}
         index = self._key_index[key]
         return index, self.samples[index]
@@ -187,7 +188,7 @@ class ViewStream(IterableDataset):
         for sample, view, blob in views:
             partner = None
             if view.mix is not None:
-                partner_index, partner = self._sample_by_key(view.mix.partner)
+                _, partner = self._sample_by_key(view.mix.partner)
             images.append(self._render(sample, view, blob, partner))
             labels.append(sample["label"])
             partner_labels.append(partner["label"] if partner is not None else sample["label"])
