@@ -7,13 +7,13 @@ and the modules a DataLoader worker needs stay light (no timm, no model code). T
 
 from importlib import import_module
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 _API = {
     "AttncacheError": ".errors", "CacheFormatError": ".errors", "RunInterrupted": ".errors",
     "Cache": ".cache", "CacheItem": ".cache", "open_cache": ".cache",
     "ExtractConfig": ".extract", "TeacherOptions": ".teacher", "TrainConfig": ".train",
-    "evaluate_run": ".eval", "verify_cache": ".tools.verify",
+    "evaluate_run": ".eval", "verify_cache": ".tools.verify", "copy_cache": ".tools.copy",
 }
 __all__ = sorted(_API)
 

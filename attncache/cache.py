@@ -23,6 +23,7 @@ from .store.format import (
     VIEWS,
     check_samples,
     check_views,
+    named_files,
     parse_jsonl,
     parse_manifest,
     row_of,
@@ -42,7 +43,7 @@ class CacheItem:
 
 
 class Cache:
-    def __init__(self, root: str, storage_options: dict | None = None):
+    def __init__(self, root: str, storage_options: dict | None = None, manifest_sha256: str | None = None):
         self.fs = CacheFS(root, storage_options)
         self.root = self.fs.url
         try:
@@ -51,11 +52,17 @@ class Cache:
             if not self.fs.exists(MANIFEST):
                 raise CacheFormatError(f"{self.root}: not an attncache cache ({MANIFEST} missing)") from exc
             raise
+        # The manifest names every other file's sha256: pinning its own (as published beside the URL) pins all.
+        self.manifest_sha256 = hashlib.sha256(data).hexdigest()
+        if manifest_sha256 is not None and manifest_sha256.lower() != self.manifest_sha256:
+            raise CacheFormatError(f"{self.fs.where(MANIFEST)}: sha256 {self.manifest_sha256[:16]}..., expected "
+                                   f"{manifest_sha256[:16]}... (not the cache that was published)")
         try:
             self.manifest = parse_manifest(data)
         except CacheFormatError as exc:
             raise CacheFormatError(f"{self.root}/{MANIFEST}: {str(exc).removeprefix('manifest: ')}") from exc
         m = self.manifest
+        self.fs.known = {f["path"]: f for f in named_files(m)}  # sizes for range reads, sha256 for --cache-dir
         self.teacher = TeacherSpec.from_json(m["teacher"])
         self.layers: list[int] = m["capture"]["layers"]
         self.payload: str = m["capture"]["payload"]
@@ -153,7 +160,7 @@ class Cache:
         stored = sum(f["bytes"] for s in m["store"]["shards"] for f in s["files"])
         raw = len(self) * math.prod(m["capture"]["map_shape"]) * 2
         return {
-            "root": self.root, "version": m["version"],
+            "root": self.root, "version": m["version"], "manifest_sha256": self.manifest_sha256,
             "teacher": m["teacher"]["model"], "weights_sha256": m["teacher"]["weights_sha256"][:16],
             "image_size": m["teacher"]["image_size"], "tokens": m["teacher"]["num_tokens"],
             "heads": m["teacher"]["num_heads"], "layers": self.layers, "payload": self.payload,
@@ -179,6 +186,7 @@ def _describe(a) -> str:
     return ", ".join(parts) or "none"
 
 
-def open_cache(root: str, storage_options: dict | None = None) -> Cache:
-    """Open a cache directory or URL prefix (manifest.json + shards)."""
-    return Cache(root, storage_options)
+def open_cache(root: str, storage_options: dict | None = None, manifest_sha256: str | None = None) -> Cache:
+    """Open a cache directory or URL prefix (manifest.json + shards). `manifest_sha256`, when given, must be the
+    sha256 of its manifest.json (published with the cache): everything else is bound to it."""
+    return Cache(root, storage_options, manifest_sha256)

@@ -21,6 +21,7 @@ from attncache.errors import AttncacheError, RunInterrupted
 from attncache.train.modes import MODES
 
 from .options import (
+    CacheDir,
     Cutmix,
     Device,
     EraseCount,
@@ -116,7 +117,7 @@ def extract(
     ctx: typer.Context,
     teacher: Teacher,
     data: str = typer.Option(..., help="image folder, webdataset shards (path or URL), or 'demo'"),
-    out: Path = typer.Option(..., help="cache directory (created; an unfinished one is resumed)"),
+    out: str = typer.Option(..., help="cache directory or s3:// prefix (created; an unfinished one is resumed)"),
     format: StoreFormat = typer.Option(StoreFormat.zarr, "--format", help="zarr (random access) or wds (streaming)"),
     views: int = typer.Option(1, help="views per image (train split)"),
     split: Split = typer.Option(Split.train, help="train: random resized crops + flip; val: timm's eval crop"),
@@ -150,6 +151,9 @@ def extract(
     workers: int = typer.Option(2, help="threads that decode and render images"),
     limit: int | None = typer.Option(None, help="only the first N images (smoke runs)"),
     repair: bool = typer.Option(False, help="re-hash every file of a finished cache; rewrite the shards that differ"),
+    stage: Path | None = typer.Option(None, help="--out URL: local staging directory (default under "
+                                                  "~/.cache/attncache/stage)"),
+    storage_option: StorageOption = [],  # noqa: B006
     quiet: bool = typer.Option(False, help="no progress output"),
 ):
     """Run the teacher once over DATA and write its attention maps to OUT."""
@@ -160,11 +164,12 @@ def extract(
     try:
         options = dict(
             teacher=teacher_options(teacher, weights, pretrained, image_size, teacher_arg), data=data,
-            out=str(out), format=format.value, views=views, split=split.value, layers=layers, payload=payload,
+            out=out, format=format.value, views=views, split=split.value, layers=layers, payload=payload,
             codec=codec, codec_params=parse_kwargs(codec_arg, "--codec-arg"), batch_size=batch_size, device=device,
             amp=amp, seed=seed, records_per_shard=shard_records, num_shards=num_shards, shard_index=shard_index,
             embed_images=embed_images, workers=workers,
-            limit=limit, repair=repair, progress=not quiet,
+            limit=limit, repair=repair, progress=not quiet, stage=str(stage) if stage else None,
+            storage_options=storage_options(storage_option),
             **augmentation(randaugment, erase_prob, erase_mode, erase_count, mixup, cutmix, mix_prob, mix_switch,
                            teacher_drop_path))
         manifest = run_extract(extract_config(recipe, **typed_only(ctx, options, recipe)))
@@ -194,12 +199,12 @@ def merge(cache: Path = typer.Argument(..., help="cache directory written by --n
 @app.command()
 def inspect(cache: str = typer.Argument(..., help="cache directory or URL"),
             as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
-            storage_option: StorageOption = []):  # noqa: B006
+            storage_option: StorageOption = [], cache_dir: CacheDir = None):  # noqa: B006
     """Summarise a cache: teacher, layers, codec, views, sizes."""
     from attncache import open_cache
 
     try:
-        summary = open_cache(cache, storage_options(storage_option)).summary()
+        summary = open_cache(cache, storage_options(storage_option, cache_dir)).summary()
     except AttncacheError as exc:
         _fail(exc)
     if as_json:
@@ -216,15 +221,45 @@ def inspect(cache: str = typer.Argument(..., help="cache directory or URL"),
 
 @app.command()
 def verify(cache: str = typer.Argument(..., help="cache directory or URL"),
-           storage_option: StorageOption = []):  # noqa: B006
-    """Re-hash every file against the manifest, report any other file, decode each shard's first record."""
+           quick: bool = typer.Option(False, help="sizes and every chunk's crc32c only (no sha256 of big files)"),
+           manifest_sha256: str | None = typer.Option(None, help="the manifest's sha256 as published: pins every "
+                                                                 "file"),
+           storage_option: StorageOption = [], cache_dir: CacheDir = None):  # noqa: B006
+    """Check every file against the manifest (sha256, or with --quick sizes and per-chunk crc32c), report any other
+    file, decode each shard's first record; exit 2 naming the first bad file and record."""
     from attncache.tools.verify import verify_cache
 
     try:
-        result = verify_cache(cache, storage_options(storage_option))
+        result = verify_cache(cache, storage_options(storage_option, cache_dir), quick=quick,
+                              manifest_sha256=manifest_sha256)
     except AttncacheError as exc:
         _fail(exc)
-    typer.echo(f"ok: {result['files']} files, {result['records']} records, {result['bytes']:,} bytes")
+    typer.echo(f"ok ({result['mode']}): {result['files']} files, {result['records']} records, "
+               f"{result['chunks_checked']} chunk checksums, {result['bytes']:,} bytes; "
+               f"manifest sha256 {result['manifest_sha256']}")
+
+
+@app.command()
+def copy(src: str = typer.Argument(..., help="cache directory or URL (https://, s3://, ...)"),
+         dst: str = typer.Argument(..., help="directory or s3:// prefix (created; a partial copy is resumed)"),
+         manifest_sha256: str | None = typer.Option(None, help="the source manifest's sha256 as published"),
+         storage_option: StorageOption = [],  # noqa: B006
+         dst_option: list[str] = typer.Option([], "--dst-option", help="option KEY=VALUE of DST (repeatable)"),
+         quiet: bool = typer.Option(False, help="no per-file output")):
+    """Copy a finished cache, checking every file's sha256 before it is written; the manifest goes last."""
+    from attncache.tools.copy import copy_cache
+
+    def said(path: str, copied: bool) -> None:
+        if not quiet:
+            typer.echo(f"{'copied' if copied else 'kept  '} {path}", err=True)
+
+    try:
+        result = copy_cache(src, dst, storage_options(storage_option), storage_options(dst_option),
+                            manifest_sha256=manifest_sha256, on_file=said)
+    except AttncacheError as exc:
+        _fail(exc)
+    typer.echo(f"copied {src} to {dst}: {result['copied']} files copied, {result['kept']} already there, "
+               f"{result['bytes']:,} bytes; manifest sha256 {result['manifest_sha256']}")
 
 
 @app.command()
@@ -239,6 +274,7 @@ def train(
     val_cache: str | None = typer.Option(None, help="val cache (--split val); copy mode needs it"),
     val_data: str | None = typer.Option(None, help="val images (joined to --val-cache, or timm's eval crops)"),
     storage_option: StorageOption = [],  # noqa: B006
+    cache_dir: CacheDir = None,
     student: str | None = typer.Option(None, help="timm name (default: the teacher's architecture)"),
     student_arg: list[str] = typer.Option([], "--student-arg", help="timm kwarg KEY=VALUE for --student"),
     teacher: OptionalTeacher = None,
@@ -278,7 +314,7 @@ def train(
             raise AttncacheError("pass --mode (copy, distill, gta, scratch, finetune) or --recipe")
         options = dict(
             mode=mode.value if mode else None, out=str(out), cache=cache, data=data, val_cache=val_cache,
-            val_data=val_data, storage_options=storage_options(storage_option), student=student,
+            val_data=val_data, storage_options=storage_options(storage_option, cache_dir), student=student,
             student_args=parse_kwargs(student_arg, "--student-arg"),
             teacher=teacher_options(teacher, weights, pretrained, image_size, teacher_arg), layers=layers,
             epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, weight_decay=weight_decay,
@@ -320,6 +356,7 @@ def evaluate(
     ensemble_with: Path | None = typer.Option(None, help="a finetune run: also report the averaged ensemble"),
     ema: bool = typer.Option(False, help="evaluate the EMA weights"),
     storage_option: StorageOption = [],  # noqa: B006
+    cache_dir: CacheDir = None,
     batch_size: int = typer.Option(64), device: Device = "cpu", workers: int = typer.Option(0),
 ):
     """Top-1 of a trained student (and of its ensemble with a fine-tuned teacher)."""
@@ -327,7 +364,8 @@ def evaluate(
 
     try:
         result = evaluate_run(str(checkpoint), val_cache, val_data, str(ensemble_with) if ensemble_with else None,
-                              "ema" if ema else "model", device, batch_size, workers, storage_options(storage_option))
+                              "ema" if ema else "model", device, batch_size, workers,
+                              storage_options(storage_option, cache_dir))
     except AttncacheError as exc:
         _fail(exc)
     typer.echo(json.dumps(result, indent=2))
@@ -448,6 +486,7 @@ def viz(
     heads: str | None = typer.Option(None, help="heads to draw, e.g. 0-3 (default: all)"),
     query: str = typer.Option("cls", help="cls, or a patch X,Y whose attention row is drawn"),
     storage_option: StorageOption = [],  # noqa: B006
+    cache_dir: CacheDir = None,
 ):
     """A layer x head grid of attention rows over the rendered view (a cached view, or a live teacher)."""
     from attncache.tools.viz import visualize
@@ -456,7 +495,7 @@ def viz(
         path = visualize(out, cache=cache, key=key, view=view, data=data, image=str(image) if image else None,
                          teacher=teacher_options(teacher, weights, pretrained, image_size, teacher_arg),
                          checkpoint=str(checkpoint) if checkpoint else None, layers=layers, heads=heads,
-                         query=query, storage_options=storage_options(storage_option))
+                         query=query, storage_options=storage_options(storage_option, cache_dir))
     except AttncacheError as exc:
         _fail(exc)
     typer.echo(f"wrote {path}")

@@ -20,8 +20,12 @@ ImageSize = Annotated[int | None, typer.Option("--image-size", help="teacher inp
 TeacherArg = Annotated[list[str], typer.Option("--teacher-arg", help="timm kwarg KEY=VALUE (patch_size=8, ...)")]
 
 # Remote caches
-StorageOption = Annotated[list[str], typer.Option("--storage-option",
-                                                  help="fsspec option KEY=VALUE of a remote cache (repeatable)")]
+StorageOption = Annotated[list[str], typer.Option(
+    "--storage-option", help="option KEY=VALUE of a remote cache (repeatable): fsspec's (endpoint_url, anon, key, "
+                             "...) and attncache's retries, backoff, cache_max_bytes (docs/sharing.md)")]
+CacheDir = Annotated[Path | None, typer.Option(
+    "--cache-dir", help="remote caches: keep their files here once downloaded and verified (read-through, bounded "
+                        "by cache_max_bytes; default $ATTNCACHE_CACHE_DIR)")]
 
 Device = Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N (teacher, student and decoding)")]
 
@@ -34,10 +38,11 @@ def teacher_options(name: str | None, weights: Path | None, pretrained: bool, im
                           image_size=image_size, args=parse_kwargs(teacher_arg))
 
 
-def storage_options(pairs: list[str]) -> dict:
+def storage_options(pairs: list[str], cache_dir: Path | None = None) -> dict:
     from attncache.teacher import parse_kwargs
 
-    return parse_kwargs(pairs, "--storage-option")
+    options = parse_kwargs(pairs, "--storage-option")
+    return {**options, "cache_dir": str(cache_dir)} if cache_dir else options
 
 
 # Recipes and view augmentation (extract: the cached views; train: live views, or a check against the cache's)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import io
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,3 +208,15 @@ def folder_fp16_wds(tmp_path_factory, tiny_teacher, image_folder) -> Path:
     extract(tiny_teacher.config(image_folder, out, views=2, codec="fp16", records_per_shard=5, format="wds",
                                 embed_images=True))
     return out
+
+
+@pytest.fixture
+def zarr_copy(tmp_path, folder_fp16_zarr) -> Path:
+    """A private copy of the fp16 zarr cache, for tests that damage or forge it."""
+    return Path(shutil.copytree(folder_fp16_zarr, tmp_path / "zarr"))
+
+
+@pytest.fixture
+def wds_copy(tmp_path, folder_fp16_wds) -> Path:
+    """A private copy of the fp16 wds cache (images embedded), for tests that damage or forge it."""
+    return Path(shutil.copytree(folder_fp16_wds, tmp_path / "wds"))

@@ -29,6 +29,7 @@ from attncache.errors import AttncacheError, CacheFormatError
 from attncache.extract import extract
 from attncache.recipes import RECIPES, extract_config, train_config
 from attncache.sources import open_image
+from attncache.store.format import seal
 from attncache.train import train
 from attncache.views import Augmentation, AugmentOp, Erase, Mix, View, ViewPolicy, erase_noise, render
 from attncache.views.policy import draw_mix, level_args
@@ -337,7 +338,7 @@ def _compose_independently(image: Image.Image, partner: Image.Image | None, view
 def test_cached_maps_equal_live_teacher_on_independently_composed_views(request, store, tiny_teacher,
                                                                         image_folder):
     cache = open_cache(str(request.getfixturevalue(store)))
-    assert cache.manifest["version"] == 3
+    assert cache.manifest["version"] == 4
     assert cache.policy.augment == (RECIPE_AUG if store == "recipe_zarr" else DISTILL_AUG)
     model, spec = tiny_teacher.timm_model(), cache.teacher
     files = {p.relative_to(image_folder).as_posix(): p for p in image_folder.rglob("*") if p.is_file()}
@@ -555,7 +556,7 @@ def _rewrite_views(root: Path, edit) -> None:
     (root / "views.jsonl").write_bytes(data)
     m = json.loads((root / "manifest.json").read_text())
     m["files"]["views.jsonl"].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-    (root / "manifest.json").write_text(json.dumps(m))
+    (root / "manifest.json").write_text(json.dumps(seal(m)))
 
 
 HOSTILE_VIEWS = {
@@ -596,12 +597,13 @@ def test_hostile_view_parameters_are_refused_on_open(tmp_path, recipe_zarr, what
         open_cache(str(root)).views  # noqa: B018
 
 
-def test_views_of_a_newer_kind_need_format_version_3(tmp_path, folder_fp32_zarr):
+def test_views_of_a_newer_kind_need_format_version_3(tmp_path, folder_fp16_wds):
     import shutil
 
     root = tmp_path / "c"
-    shutil.copytree(folder_fp32_zarr, root)
-    assert json.loads((root / "manifest.json").read_text())["version"] == 1  # plain caches keep version 1
+    shutil.copytree(folder_fp16_wds, root)
+    m = json.loads((root / "manifest.json").read_text())
+    (root / "manifest.json").write_text(json.dumps(seal({**m, "version": 1})))  # as a version-1 cache states it
     _rewrite_views(root, lambda v, i: {**v, "erase": [{"box": [0, 0, 3, 4], "fill": "const"}]} if i == 0 else v)
     with pytest.raises(CacheFormatError, match="line 1: .*version 3"):
         open_cache(str(root)).views  # noqa: B018

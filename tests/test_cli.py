@@ -52,7 +52,7 @@ def test_extract_inspect_verify(cli_cache, tiny_teacher):
     verify = _run("verify", out)
     assert verify.exit_code == 0, verify.output
     n_files = 4 + 2  # shards + samples/views
-    assert verify.stdout.startswith(f"ok: {n_files} files, 16 records, ")
+    assert verify.stdout.startswith(f"ok (full): {n_files} files, 16 records, 16 chunk checksums, ")
 
     # what the CLI wrote is what the API reads: one record replayed through the API
     cache = open_cache(str(out))

@@ -18,6 +18,7 @@ from attncache.codecs import CaptureShape, get_codec
 from attncache.codecs.qk import low_rank_factors, quantize_rows
 from attncache.errors import AttncacheError, CacheFormatError
 from attncache.extract import extract
+from attncache.store.format import seal
 from attncache.teacher import TeacherOptions
 from attncache.train import TrainConfig, Trainer
 
@@ -247,6 +248,6 @@ def test_manifest_fields_must_match_the_codec(codec_caches, tmp_path):
             m["codec"]["params"]["bits"] = 16
         else:
             m["capture"]["payload"] = "probs"
-        (dst / "manifest.json").write_text(json.dumps(m))
+        (dst / "manifest.json").write_text(json.dumps(seal(m)))
         with pytest.raises(CacheFormatError):
             open_cache(str(dst))

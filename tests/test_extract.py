@@ -80,7 +80,7 @@ def test_registers_teacher_end_to_end(tmp_path, reg_teacher):
     assert m["teacher"]["num_prefix_tokens"] == 5 and m["teacher"]["num_tokens"] == 9
     assert m["capture"]["map_shape"] == [2, 2, 9, 9] and m["capture"]["payload"] == "logits"
     assert m["views"]["split"] == "val" and m["views"]["crop_pct"] == m["teacher"]["crop_pct"]
-    assert m["version"] == 2  # the val views' resize step is format version 2
+    assert m["version"] == 4  # every cache is written as version 4 (per-chunk checksums, sealed manifest)
     cache = open_cache(str(out))
     assert len(cache) == 16 and len(m["store"]["shards"]) == 3
     from attncache.sources import open_source
@@ -116,7 +116,7 @@ def _sd_sha256(path: Path) -> str:
 
 def test_manifest_fields(folder_fp16_zarr, tiny_teacher, image_folder):
     m = json.loads((folder_fp16_zarr / "manifest.json").read_text())
-    assert (m["format"], m["version"]) == ("attncache", 1)
+    assert (m["format"], m["version"]) == ("attncache", 4)
     t = m["teacher"]
     assert t["model"] == "vit_tiny_patch16_224"
     assert (t["depth"], t["num_heads"], t["embed_dim"], t["patch_size"], t["image_size"]) == (2, 4, 64, 8, 32)

@@ -213,7 +213,7 @@ def extract_args(teacher: TinyTeacher, out: Path, fmt: str) -> list[str]:
 
 def cache_contents(root: Path) -> tuple[dict, torch.Tensor, list, list]:
     cache = open_cache(str(root))
-    manifest = {k: v for k, v in cache.manifest.items() if k != "created_at"}
+    manifest = {k: v for k, v in cache.manifest.items() if k not in ("created_at", "content_sha256")}
     return manifest, cache.read_rows(list(range(len(cache)))), cache.samples, cache.views
 
 

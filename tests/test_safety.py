@@ -7,26 +7,16 @@ import hashlib
 import io
 import json
 import re
-import shutil
 import tarfile
 from pathlib import Path
 
+import google_crc32c
 import pytest
 import torch
 
 from attncache import AttncacheError, CacheFormatError, open_cache
-from attncache.store.format import validate_manifest
+from attncache.store.format import seal, validate_manifest
 from attncache.tools.verify import verify_cache
-
-
-@pytest.fixture
-def wds_copy(tmp_path, folder_fp16_wds) -> Path:
-    return Path(shutil.copytree(folder_fp16_wds, tmp_path / "wds"))
-
-
-@pytest.fixture
-def zarr_copy(tmp_path, folder_fp16_zarr) -> Path:
-    return Path(shutil.copytree(folder_fp16_zarr, tmp_path / "zarr"))
 
 
 def _manifest(root: Path) -> dict:
@@ -45,7 +35,7 @@ def _tamper(m: dict, what: str) -> dict:
     elif what == "backslash":
         shard0["path"] = "shards\\..\\x"
     elif what == "version":
-        m["version"] = 4
+        m["version"] = 99
     elif what == "format":
         m["format"] = "npz"
     elif what == "records":
@@ -136,7 +126,8 @@ def _rewrite_member(tar_path: Path, name: str, edit) -> None:
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as out:
         for m, data in members:
             if m.name == name:
-                data = edit(data)
+                data = edit(data[:-4])  # the payload; its crc32c is recomputed: a forgery, not damage
+                data += google_crc32c.value(data).to_bytes(4, "little")
                 m.size = len(data)
             out.addfile(m, io.BytesIO(data))
     tar_path.write_bytes(buf.getvalue())
@@ -193,7 +184,7 @@ def _agree(root: Path, rel: str) -> None:
     for f in [f for s in m["store"]["shards"] for f in s["files"]] + m["store"]["metadata_files"]:
         if f["path"] == rel:
             f["bytes"], f["sha256"] = len(data), hashlib.sha256(data).hexdigest()
-    (root / "manifest.json").write_text(json.dumps(m))
+    (root / "manifest.json").write_text(json.dumps(seal(m)))  # a forger re-seals the manifest too
 
 
 def _edit_zarr_json(meta: dict, edit: str) -> dict:
@@ -401,7 +392,7 @@ def test_every_malformed_manifest_field_gets_the_one_line_error(request, fmt):
             m = _mutated(good, path, how, value)
             if m is None:
                 continue
-            (root / "manifest.json").write_text(json.dumps(m))
+            (root / "manifest.json").write_text(json.dumps(seal(m)))  # re-sealed: each rule must hold by itself
             tried += 1
             try:
                 cache = open_cache(str(root))
@@ -421,7 +412,7 @@ def test_inspect_of_a_manifest_without_a_teacher_field_is_one_line(wds_copy):
     m = _manifest(wds_copy)
     del m["teacher"]["crop_pct"]
     m["teacher"]["extra_field"] = 1
-    (wds_copy / "manifest.json").write_text(json.dumps(m))
+    (wds_copy / "manifest.json").write_text(json.dumps(seal(m)))
     result = CliRunner().invoke(app, ["inspect", str(wds_copy)])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.output
     assert result.stderr.startswith(f"error: {wds_copy}/manifest.json: teacher: ")

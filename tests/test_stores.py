@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numcodecs
 import numpy as np
@@ -169,3 +170,25 @@ def test_storage_options_reach_every_reader(request, tmp_path, fmt, image_folder
     common = dict(mode="distill", data=str(image_folder), epochs=1, batch_size=2, workers=2, progress=False)
     via_url = train(TrainConfig(cache=url, storage_options=options, out=str(tmp_path / "url"), **common))
     assert via_url == train(TrainConfig(cache=str(local_dir), out=str(tmp_path / "local"), **common))
+
+
+def test_caches_written_by_attncache_0_2_still_read(tmp_path):
+    """tests/data/cache_v1: a tiny plain train cache as attncache 0.2.0 wrote it (format version 1: no per-chunk
+    checksums, no content_sha256), in both stores, and the maps 0.2.0 decoded from it (exact in fp16)."""
+    import shutil
+
+    from attncache.tools.copy import copy_cache
+    from attncache.tools.verify import verify_cache
+
+    data = Path(__file__).parent / "data" / "cache_v1"
+    expected = torch.from_numpy(np.load(data / "maps_fp16.npy").astype(np.float32))
+    for fmt in ("zarr", "wds"):
+        root = tmp_path / fmt
+        shutil.copytree(data / fmt, root)
+        cache = open_cache(str(root))
+        assert cache.manifest["version"] == 1 and "content_sha256" not in cache.manifest
+        assert torch.equal(cache.read_rows(list(range(len(cache)))), expected)
+        assert verify_cache(str(root))["files"] > 0
+        assert verify_cache(str(root), quick=True)["chunks_checked"] == 0  # version 1 has none to check
+        copy_cache(str(root), str(tmp_path / f"{fmt}_copy"))  # copied as it is, still version 1
+        assert (tmp_path / f"{fmt}_copy" / "manifest.json").read_bytes() == (root / "manifest.json").read_bytes()

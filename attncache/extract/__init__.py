@@ -27,6 +27,7 @@ from ..sources import open_source
 from ..store import WRITERS
 from ..store.format import (
     FORMAT_NAME,
+    FORMAT_VERSION,
     MANIFEST,
     PLAN,
     SAMPLES,
@@ -34,6 +35,7 @@ from ..store.format import (
     dataset_fingerprint,
     sample_and_view,
 )
+from ..store.fs import is_url
 from ..teacher import AttentionCapture, parse_layers
 from ..views import View, ViewPolicy
 from . import plan as plans
@@ -43,12 +45,16 @@ from .pipeline import Work, run_pipeline
 __all__ = ["ExtractConfig", "extract", "merge"]
 
 
-def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, stats: dict | None = None) -> dict:
+def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, stats: dict | None = None,
+            on_claim: Callable[[], None] | None = None) -> dict:
     """Run, resume or repair an extraction; returns the manifest.
 
-    `on_shard(i)` is called after shard i is durable; `stats`, if given, receives the pipeline's wall time and
-    the number of records it processed (for benchmarks and tests).
+    `on_shard(i)` is called after shard i is durable, `on_claim()` once the plan is written; `stats`, if given,
+    receives the pipeline's wall time and the number of records it processed (for benchmarks and tests).
+    An `--out` URL (s3://...) is extracted into a local staging directory and published as it goes (publish.py).
     """
+    if is_url(cfg.out):
+        return _extract_to_url(cfg, on_shard, stats)
     codec = check_options(cfg)
     out = Path(cfg.out)
     plans.check_out_is_free(out)
@@ -97,8 +103,7 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, s
     views_bytes = b"".join(dumps_canonical(_view_record(r, len(samples), views[r])) + b"\n" for r in range(records))
     plan = {
         "format": FORMAT_NAME,
-        # the oldest version that can hold these views, so older readers keep reading the caches they can
-        "version": max(v.needs_version for v in views),
+        "version": FORMAT_VERSION,  # per-chunk checksums and a sealed manifest, whatever the views need
         **head,
         "dataset": {**dataset_head, "fingerprint": dataset_fingerprint(samples)},
         "files": {SAMPLES: plans.index_file_entry(SAMPLES, samples_bytes),
@@ -113,6 +118,8 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, s
                 state = run_dir.claim(plan, shared=part)
                 if state == FINISHED:  # same plan, but a file is damaged or --repair asked for a full check
                     plans.reopen_finished(out)
+                if on_claim is not None:
+                    on_claim()
                 plans.save_scan(out, samples, [e.stamp for e in entries])
                 atomic_write_bytes(out / SAMPLES, samples_bytes)
                 atomic_write_bytes(out / VIEWS, views_bytes)
@@ -162,6 +169,31 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, s
             else:
                 manifest = plans.finish(out)
         manifest = world.broadcast(manifest)
+    return manifest
+
+
+def _extract_to_url(cfg: ExtractConfig, on_shard, stats) -> dict:
+    import os
+    from dataclasses import replace
+
+    from .publish import Publisher, default_stage
+
+    check_options(cfg)
+    if cfg.num_shards > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise AttncacheError(f"--out {cfg.out}: a remote --out takes one extraction process; with torchrun or "
+                             "--num-shards extract to a shared directory, then `attncache copy` it")
+    stage = Path(cfg.stage) if cfg.stage else default_stage(cfg.out)
+    publisher = Publisher(cfg.out, stage, cfg.storage_options)
+    publisher.restore()
+    _log(cfg, f"staging in {stage}, publishing each finished shard to {cfg.out}")
+
+    def shard_done(index: int) -> None:
+        publisher.shard_done(index)
+        if on_shard is not None:
+            on_shard(index)
+
+    manifest = extract(replace(cfg, out=str(stage)), on_shard=shard_done, stats=stats, on_claim=publisher.claimed)
+    publisher.finished(manifest)
     return manifest
 
 

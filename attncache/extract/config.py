@@ -37,6 +37,8 @@ class ExtractConfig:
     amp: bool = False  # bf16 autocast for the teacher on CUDA; maps are still formed in fp32
     repair: bool = False  # re-hash every file of a finished cache and rewrite the shards that differ
     progress: bool = True
+    stage: str | None = None  # --out URL: the local staging directory (default under ~/.cache/attncache/stage)
+    storage_options: dict = field(default_factory=dict)  # --out URL: fsspec options (endpoint, credentials, ...)
 
 
 def check_options(cfg: ExtractConfig) -> Codec:

@@ -29,6 +29,7 @@ from ..store.format import (
     named_files,
     parse_jsonl,
     parse_manifest,
+    seal,
     shard_paths,
     validate_manifest,
 )
@@ -214,7 +215,7 @@ def finish(out: Path, required: bool = True) -> dict | None:
                   "metadata_files": [{k: file_record(out, rel)[k] for k in ("path", "bytes", "sha256")}
                                      for rel in metadata_paths(store["format"], fields)]},
     }
-    validate_manifest(manifest)
+    manifest = validate_manifest(seal(manifest))
     remove_partials(out)  # a finished cache holds only the files its format names
     atomic_write_json(out / MANIFEST, manifest)
     remove_progress(out)

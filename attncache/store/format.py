@@ -16,13 +16,16 @@ from importlib import resources
 
 from ..codecs import get_codec
 from ..errors import AttncacheError, CacheFormatError
-from ..files import StrictJSONError, loads_strict
+from ..files import StrictJSONError, dumps_canonical, loads_strict
 
 FORMAT_NAME = "attncache"
 # 2 adds the optional view field `resize` (timm's eval transform); 3 adds `augment`, `erase` and `mix` (and the
-# policy's `augment`). A cache is written with the oldest version that holds its views; all three are read.
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+# policy's `augment`); 4 adds a crc32c after every stored chunk and the manifest's `content_sha256` (a digest of the
+# manifest's own content, so an edited codec parameter or label count is caught, not decoded). Every cache is now
+# written as version 4; all four are read (1-3 without the per-chunk checks: `attncache verify` hashes them whole).
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
+DIGEST_FIELD = "content_sha256"
 
 MANIFEST = "manifest.json"
 SAMPLES = "samples.jsonl"  # one JSON object per image, in sample-index order
@@ -36,6 +39,9 @@ WDS_SHARD_DIR = "shards"
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_KEY_CHARS = 1024
 MAX_IMAGE_SIDE = 1 << 20
+# One record's decoded float32 maps (ViT-L/16, 24 layers at 224 px: 0.2 GB; DINOv2-g/14 at 518 px: 7.2 GB). A reader
+# allocates batch x this: a manifest may not declare more, whatever its other fields say.
+MAX_RECORD_MAP_BYTES = 8 << 30
 
 
 def row_of(sample_index: int, view: int, num_samples: int) -> int:
@@ -66,6 +72,27 @@ def shard_paths(manifest_store: str, fields: dict, index: int) -> list[str]:
 
 def metadata_paths(manifest_store: str, fields: dict) -> list[str]:
     return ["zarr.json"] + [f"{name}/zarr.json" for name in fields] if manifest_store == "zarr" else []
+
+
+def has_chunk_checksums(manifest: dict) -> bool:
+    return manifest["version"] >= 4
+
+
+def content_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON without its own `content_sha256` (what that field holds)."""
+    return hashlib.sha256(dumps_canonical({k: v for k, v in manifest.items() if k != DIGEST_FIELD})).hexdigest()
+
+
+def seal(manifest: dict) -> dict:
+    """The manifest with its `content_sha256` set (version 4 on), as writers store it."""
+    body = {k: v for k, v in manifest.items() if k != DIGEST_FIELD}
+    version = body.get("version")
+    if isinstance(version, int) and version < 4:
+        return body
+    try:
+        return {**body, DIGEST_FIELD: content_digest(body)}
+    except (TypeError, ValueError):  # not JSON (NaN, ...): validation names the field
+        return body
 
 
 def dataset_fingerprint(samples: list[dict]) -> str:
@@ -140,6 +167,10 @@ def validate_manifest(m: dict) -> dict:
     _check_store(m["store"], m["codec"]["fields"], n * k)
     for name in (SAMPLES, VIEWS):
         _require(m["files"][name]["path"] == name, f"files.{name}.path must be {name!r}")
+    # last, so a value out of range is named as such; a valid value changed by hand is caught here
+    _require((DIGEST_FIELD in m) == (m["version"] >= 4), f"{DIGEST_FIELD} is required from format version 4 on")
+    _require(DIGEST_FIELD not in m or m[DIGEST_FIELD] == content_digest(m),
+             f"{DIGEST_FIELD} does not match the manifest's content (edited or damaged)")
     return m
 
 
@@ -163,6 +194,9 @@ def _check_capture(m: dict) -> None:
              f"capture.layers must be sorted distinct indices < teacher.depth {t['depth']}")
     _require(c["map_shape"] == [len(layers), t["num_heads"], t["num_tokens"], t["num_tokens"]],
              "capture.map_shape must be [len(layers), num_heads, num_tokens, num_tokens]")
+    _require(math.prod(c["map_shape"]) * 4 <= MAX_RECORD_MAP_BYTES,
+             f"capture.map_shape {c['map_shape']}: one record's maps would decode to more than "
+             f"{MAX_RECORD_MAP_BYTES >> 30} GiB")
 
 
 def _check_codec(m: dict) -> None:

@@ -2,7 +2,7 @@
 
 Per record `RRRRRRRRRR` (its row number, zero-padded to 10 digits):
   RRRRRRRRRR.json      key, view index, label, image sha256 and view parameters
-  RRRRRRRRRR.<field>   the codec field's compressed bytes (e.g. `.maps`)
+  RRRRRRRRRR.<field>   the codec field's compressed bytes and their crc32c (e.g. `.maps`)
   RRRRRRRRRR.<ext>     the original image bytes, with --embed-images
 Tar headers are fixed (mtime 0, uid/gid 0, mode 0644) so re-extraction reproduces shards byte for byte.
 
@@ -19,7 +19,7 @@ import tarfile
 
 from ..errors import CacheFormatError
 from ..files import atomic_write_bytes
-from .base import StoreReader, StoreWriter, decompress_bounded
+from .base import StoreReader, StoreWriter
 from .format import wds_shard_name
 
 MAX_IMAGE_BYTES = 256 << 20
@@ -63,21 +63,24 @@ class WdsReader(StoreReader):
         """{record id: {suffix: (offset, size)}} of a shard's regular-file members."""
         if shard not in self._index:
             rel = wds_shard_name(shard)
-            members: dict[str, dict[str, tuple[int, int]]] = {}
-            with self.fs.guard(rel), self.fs.open(rel) as f:
-                try:
-                    with tarfile.open(fileobj=f, mode="r:") as tar:
-                        for m in tar:
-                            rid, dot, suffix = m.name.partition(".")
-                            if not dot or not m.isfile():
-                                continue
-                            if suffix in members.setdefault(rid, {}):
-                                raise CacheFormatError(f"{self.fs.where(rel)}: member {m.name} appears twice")
-                            members[rid][suffix] = (m.offset_data, m.size)
-                except tarfile.TarError as exc:
-                    raise CacheFormatError(f"{self.fs.where(rel)}: not a valid tar ({exc})") from exc
-            self._index[shard] = members
+            self._index[shard] = self.fs.call(rel, lambda: self._read_index(rel))
         return self._index[shard]
+
+    def _read_index(self, rel: str) -> dict[str, dict[str, tuple[int, int]]]:
+        members: dict[str, dict[str, tuple[int, int]]] = {}
+        with self.fs.open(rel) as f:
+            try:
+                with tarfile.open(fileobj=f, mode="r:") as tar:
+                    for m in tar:
+                        rid, dot, suffix = m.name.partition(".")
+                        if not dot or not m.isfile():
+                            continue
+                        if suffix in members.setdefault(rid, {}):
+                            raise CacheFormatError(f"{self.fs.where(rel)}: member {m.name} appears twice")
+                        members[rid][suffix] = (m.offset_data, m.size)
+            except tarfile.TarError as exc:
+                raise CacheFormatError(f"{self.fs.where(rel)}: not a valid tar ({exc})") from exc
+        return members
 
     def _member(self, row: int, suffix: str | None, limit: int) -> bytes:
         """A record's member (suffix None: its embedded image, whatever its extension), bounded by `limit`."""
@@ -106,8 +109,17 @@ class WdsReader(StoreReader):
                 for name, spec in self.fields.items():
                     data = self._member(row, name, self.max_stored_bytes(spec))
                     where = f"{self.fs.where(wds_shard_name(row // self.records_per_shard))}:{record_id(row)}.{name}"
-                    out[name][j] = decompress_bounded(self.compressor, data, spec, where)
+                    out[name][j] = self.decode_chunk(data, spec, where)
         return out
+
+    def chunks(self):
+        for shard in range(len(self.shard_files)):
+            rel = wds_shard_name(shard)
+            first = shard * self.records_per_shard
+            for row in range(first, first + self.manifest["store"]["shards"][shard]["records"]):
+                for name, spec in self.fields.items():
+                    yield f"{self.fs.where(rel)}:{record_id(row)}.{name}", \
+                        self._member(row, name, self.max_stored_bytes(spec))
 
     def read_images(self, rows):
         """The embedded image bytes of each row (caches extracted with --embed-images)."""

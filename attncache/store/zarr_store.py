@@ -6,8 +6,9 @@ call, so two writers never touch the same shard file (zarr's read-modify-write o
 Reading does not trust the zarr metadata to say how to decode: the cache's zarr.json files must be byte-for-byte
 what this writer makes for the manifest (same codecs, same grid, nothing inserted), and the reader then decodes the
 shards by the manifest alone: it reads a shard's index (its crc32c checked), then the byte range of each run of
-records, and decompresses each chunk with the manifest's compressor, bounded. A chunk missing from a shard is an
-error, never a fill value. Any Zarr v3 implementation reads the same cache the same way (docs/format.md).
+records, checks each chunk's crc32c and decompresses it with the manifest's compressor, bounded. A chunk missing
+from a shard is an error, never a fill value. Any Zarr v3 implementation reads the same cache the same way
+(docs/format.md).
 """
 
 from __future__ import annotations
@@ -19,25 +20,27 @@ import json
 import google_crc32c
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from ..errors import CacheFormatError
 from ..files import StrictJSONError, loads_strict
-from .base import StoreReader, StoreWriter, decompress_bounded
+from .base import StoreReader, StoreWriter
+from .format import has_chunk_checksums
 
 _SHUFFLE_NAMES = {0: "noshuffle", 1: "shuffle", 2: "bitshuffle"}
 _EMPTY = 2**64 - 1  # zarr's marker of a chunk absent from its shard
 MAX_METADATA_BYTES = 1 << 20
 
 
-def _compressors(config: dict | None) -> list:
-    if config is None:
-        return []
-    return [BloscCodec(cname=config["cname"], clevel=config["clevel"], shuffle=_SHUFFLE_NAMES[config["shuffle"]],
-                       typesize=config["typesize"], blocksize=config["blocksize"])]
+def _compressors(config: dict | None, checksum: bool) -> list:
+    """The chunk's bytes-to-bytes codecs: the manifest's compressor, then zarr's crc32c (format version 4 on)."""
+    codecs = [] if config is None else [
+        BloscCodec(cname=config["cname"], clevel=config["clevel"], shuffle=_SHUFFLE_NAMES[config["shuffle"]],
+                   typesize=config["typesize"], blocksize=config["blocksize"])]
+    return codecs + ([Crc32cCodec()] if checksum else [])
 
 
-def _create_arrays(store, fields: dict, compressor: dict | None, records: int, per_shard: int,
+def _create_arrays(store, fields: dict, compressor: dict | None, records: int, per_shard: int, checksum: bool,
                    overwrite: bool = False) -> dict:
     """The group and its arrays, as this format defines them (the writer's and the reader's one definition)."""
     group = zarr.open_group(store, mode="a", zarr_format=3)
@@ -49,7 +52,7 @@ def _create_arrays(store, fields: dict, compressor: dict | None, records: int, p
             continue
         arrays[name] = group.create_array(
             name, shape=(records, *shape), dtype=spec["dtype"], chunks=(1, *shape), shards=(per_shard, *shape),
-            compressors=_compressors(compressor), fill_value=0, overwrite=overwrite,
+            compressors=_compressors(compressor, checksum), fill_value=0, overwrite=overwrite,
             dimension_names=("record", *[f"d{i}" for i in range(len(shape))]),
             config={"write_empty_chunks": True},  # a record equal to the fill value is still stored
         )
@@ -57,10 +60,11 @@ def _create_arrays(store, fields: dict, compressor: dict | None, records: int, p
 
 
 @functools.lru_cache(maxsize=32)
-def _expected_metadata_json(fields_json: str, compressor_json: str, records: int, per_shard: int) -> dict:
+def _expected_metadata_json(fields_json: str, compressor_json: str, records: int, per_shard: int,
+                            checksum: bool) -> dict:
     store = zarr.storage.MemoryStore()
     fields = json.loads(fields_json)
-    _create_arrays(store, fields, json.loads(compressor_json), records, per_shard)
+    _create_arrays(store, fields, json.loads(compressor_json), records, per_shard, checksum)
     names = ["zarr.json"] + [f"{name}/zarr.json" for name in fields]
     return {name: json.loads(store._store_dict[name].to_bytes()) for name in names}
 
@@ -69,7 +73,7 @@ def expected_metadata(manifest: dict) -> dict[str, dict]:
     """{relative path: parsed zarr.json} exactly as the writer creates them for this manifest."""
     s, c = manifest["store"], manifest["codec"]
     return _expected_metadata_json(json.dumps(c["fields"], sort_keys=True), json.dumps(c["compressor"]),
-                                   s["records"], s["records_per_shard"])
+                                   s["records"], s["records_per_shard"], has_chunk_checksums(manifest))
 
 
 class ZarrWriter(StoreWriter):
@@ -81,7 +85,7 @@ class ZarrWriter(StoreWriter):
             raise ValueError("--embed-images needs --format wds (a zarr cache joins images by key)")
         store = zarr.storage.LocalStore(self.root)
         self.arrays = _create_arrays(store, {k: v.to_json() for k, v in self.fields.items()}, self.compressor,
-                                     self.records, self.records_per_shard, overwrite=overwrite)
+                                     self.records, self.records_per_shard, self.checksum, overwrite=overwrite)
 
     def write_shard(self, index, arrays, records, images=None):
         # zarr reads an existing shard before writing into it (read-modify-write); a stale or damaged shard from
@@ -139,6 +143,28 @@ class ZarrReader(StoreReader):
         offset, length = (int(v) for v in index[row % self.records_per_shard])
         return self.fs.read_range(rel, offset, offset + length)
 
+    def chunks(self):
+        for shard in range(len(self.shard_files)):
+            first = shard * self.records_per_shard
+            count = self.manifest["store"]["shards"][shard]["records"]
+            for name, spec in self.fields.items():
+                rel, index, data_end = self._shard_index(name, shard)
+                extents = [self._extent(rel, index, data_end, first + i, first, spec) for i in range(count)]
+                start, end = min(o for o, _ in extents), max(o + n for o, n in extents)
+                blob = self.fs.read_range(rel, start, end)  # the shard's data in one read
+                for i, (offset, length) in enumerate(extents):
+                    yield f"{self.fs.where(rel)} record {first + i}", blob[offset - start:offset - start + length]
+
+    def _extent(self, rel: str, index: np.ndarray, data_end: int, row: int, first: int, spec) -> tuple[int, int]:
+        """(offset, length) of a record's chunk in its shard file, refusing a missing or impossible one."""
+        offset, length = (int(v) for v in index[row - first])
+        if offset == _EMPTY:
+            raise CacheFormatError(f"{self.fs.where(rel)}: record {row} missing from its shard")
+        if length > self.max_stored_bytes(spec) or offset + length > data_end:
+            raise CacheFormatError(f"{self.fs.where(rel)}: record {row} has an impossible extent "
+                                   f"({length} bytes at {offset})")
+        return offset, length
+
     def read(self, rows):
         rows = [int(r) for r in rows]
         out = {name: np.empty((len(rows), *spec.shape), spec.dtype) for name, spec in self.fields.items()}
@@ -146,23 +172,13 @@ class ZarrReader(StoreReader):
             first = shard * self.records_per_shard
             for name, spec in self.fields.items():
                 rel, index, data_end = self._shard_index(name, shard)
-                limit = self.max_stored_bytes(spec)
-                spans = []
-                for j, row in items:
-                    offset, length = (int(v) for v in index[row - first])
-                    if offset == _EMPTY:
-                        raise CacheFormatError(f"{self.fs.where(rel)}: record {row} missing from its shard")
-                    if length > limit or offset + length > data_end:
-                        raise CacheFormatError(f"{self.fs.where(rel)}: record {row} has an impossible extent "
-                                               f"({length} bytes at {offset})")
-                    spans.append((offset, length, j, row))
+                spans = [(*self._extent(rel, index, data_end, row, first, spec), j, row) for j, row in items]
                 for run in _runs(sorted(spans)):  # one read per run of adjacent chunks
                     start, end = run[0][0], run[-1][0] + run[-1][1]
                     blob = self.fs.read_range(rel, start, end)
                     for offset, length, j, row in run:
                         chunk = blob[offset - start:offset - start + length]
-                        out[name][j] = decompress_bounded(self.compressor, chunk, spec,
-                                                          f"{self.fs.where(rel)} record {row}")
+                        out[name][j] = self.decode_chunk(chunk, spec, f"{self.fs.where(rel)} record {row}")
         return out
 
 

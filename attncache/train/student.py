@@ -128,12 +128,36 @@ def create_student(spec: StudentSpec, seed: int = 0) -> nn.Module:
                   drop_path_rate=spec.drop_path, **spec.model_args)
     try:
         with torch.device("meta"):  # the architecture as timm builds it, checked before anything is allocated
-            check_standard_vit(timm.create_model(spec.model, **kwargs), f"--student {spec.model!r}")
+            shell = timm.create_model(spec.model, **kwargs)
+        check_standard_vit(shell, f"--student {spec.model!r}")
+        check_size(shell, spec)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return timm.create_model(spec.model, attn_layer=TransferAttention, **kwargs)
     except (RuntimeError, ValueError, TypeError, AssertionError) as exc:
         raise AttncacheError(f"--student {spec.model!r}: cannot build with {spec.model_args} ({exc})") from exc
+
+
+BYTES_PER_TRAINED_PARAM = 16  # fp32 weights, gradients and AdamW's two moments
+
+
+def max_student_params() -> int:
+    """What this machine's memory can train (ATTNCACHE_MAX_PARAMS overrides): a cache from elsewhere must not make
+    `train` allocate a model that cannot fit, only to fail (or swap) minutes later."""
+    import os
+
+    if "ATTNCACHE_MAX_PARAMS" in os.environ:
+        return int(float(os.environ["ATTNCACHE_MAX_PARAMS"]))
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // BYTES_PER_TRAINED_PARAM
+
+
+def check_size(shell: nn.Module, spec: StudentSpec) -> None:
+    params = sum(p.numel() for p in shell.parameters())
+    if params > max_student_params():
+        raise AttncacheError(f"--student {spec.model!r} with {spec.model_args or 'its defaults'} and "
+                             f"{spec.num_classes} classes has {params / 1e6:,.0f}M parameters: more than this "
+                             f"machine can train ({max_student_params() / 1e6:,.0f}M at {BYTES_PER_TRAINED_PARAM} "
+                             "bytes each; set ATTNCACHE_MAX_PARAMS to allow)")
 
 
 def check_geometry(student: nn.Module, spec: StudentSpec, teacher: TeacherSpec, layers: Sequence[int],
