@@ -19,6 +19,7 @@ from .store import READERS, CacheFS
 from .store.format import (
     MANIFEST,
     MAX_MANIFEST_BYTES,
+    PROJECTIONS,
     SAMPLES,
     VIEWS,
     check_samples,
@@ -30,6 +31,7 @@ from .store.format import (
     sample_and_view,
 )
 from .teacher import TeacherSpec
+from .teacher.projections import load_projections
 from .views import View, ViewPolicy
 
 
@@ -56,7 +58,8 @@ class Cache:
         self.manifest_sha256 = hashlib.sha256(data).hexdigest()
         if manifest_sha256 is not None and manifest_sha256.lower() != self.manifest_sha256:
             raise CacheFormatError(f"{self.fs.where(MANIFEST)}: sha256 {self.manifest_sha256[:16]}..., expected "
-                                   f"{manifest_sha256[:16]}... (not the cache that was published)")
+                                   f"{manifest_sha256[:16]}... (not the cache that was published, or it changed "
+                                   "since it was opened)")
         try:
             self.manifest = parse_manifest(data)
         except CacheFormatError as exc:
@@ -67,6 +70,10 @@ class Cache:
         self.layers: list[int] = m["capture"]["layers"]
         self.payload: str = m["capture"]["payload"]
         self.codec = get_codec(m["codec"]["name"], **m["codec"]["params"])
+        if self.codec.needs_projections:  # read and checked now: decoding cannot start without them
+            t = m["teacher"]
+            self.codec.bind(load_projections(self._file(PROJECTIONS), len(m["capture"]["layers"]), t["num_heads"],
+                                             t["embed_dim"], self.fs.where(PROJECTIONS)))
         self.decodes_to: str = self.codec.decodes_to(self.payload)  # "probs" or "logits"
         self.num_samples: int = m["dataset"]["num_samples"]
         self.views_per_image: int = m["views"]["views_per_image"]
@@ -77,19 +84,25 @@ class Cache:
         self._key_index: dict[str, int] | None = None
         self.reader = READERS[m["store"]["format"]](self.fs, m)
 
-    def __reduce__(self):  # a DataLoader worker reopens the cache with the same filesystem options
-        return open_cache, (self.root, self.fs.storage_options)
+    def __reduce__(self):
+        # A DataLoader worker reopens the cache with the same filesystem options, pinned to the manifest this
+        # process read: a remote cache replaced meanwhile is an error in the worker, never a mix of two caches.
+        return open_cache, (self.root, self.fs.storage_options, self.manifest_sha256)
 
     @property
     def storage_options(self) -> dict:
         return self.fs.storage_options
 
-    def _index_file(self, name: str) -> list:
+    def _file(self, name: str) -> bytes:
+        """One of the manifest's `files`, whole, checked against its size and sha256."""
         entry = self.manifest["files"][name]
         data = self.fs.read(name, entry["bytes"])
         if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise CacheFormatError(f"{self.fs.where(name)}: does not match the size and sha256 in the manifest")
-        return parse_jsonl(data, self.fs.where(name))
+        return data
+
+    def _index_file(self, name: str) -> list:
+        return parse_jsonl(self._file(name), self.fs.where(name))
 
     @property
     def samples(self) -> list[dict]:

@@ -143,7 +143,7 @@ def test_amp_capture_forms_maps_in_fp32(tiny_teacher):
         assert err < 1e-5 < (bf16_logits - exact).abs().max().item() / 10, err
 
 
-@pytest.mark.parametrize("payload", ["probs", "logits", "qk"])
+@pytest.mark.parametrize("payload", ["probs", "logits", "qk", "inputs"])
 def test_capture_keeps_timms_fused_attention_and_leaves_no_trace(tiny_teacher, payload):
     """Regression: capture switched the blocks to timm's explicit attention path, and `bench extract`'s "plain
     inference" baseline timed that slower path with the hooks still attached (efficiency 1.23). The blocks keep
@@ -171,3 +171,21 @@ def test_capture_keeps_timms_fused_attention_and_leaves_no_trace(tiny_teacher, p
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     with torch.no_grad():
         assert torch.equal(model.forward_features(x), before)
+
+
+def test_inputs_payload_is_each_blocks_attention_input(reg_teacher):
+    """payload "inputs": exactly what each captured block's attention received (its norm1 output), on the DINOv2
+    layout with registers and LayerScale; the maps of timm's explicit path follow from it and the block's weights."""
+    model, spec = _teacher(reg_teacher)
+    x = _rendered_batch(reg_teacher, spec, n=2)
+    seen = {}
+    hooks = [blk.attn.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0].detach().clone()))
+             for i, blk in enumerate(model.blocks)]
+    with torch.no_grad():
+        model.forward_features(x)
+    for h in hooks:
+        h.remove()
+    with AttentionCapture(model, [0, 1], "inputs") as capture:
+        got = capture(x)
+    assert got.shape == (2, 2, spec.num_tokens, spec.embed_dim)
+    assert torch.equal(got[:, 0], seen[0]) and torch.equal(got[:, 1], seen[1])

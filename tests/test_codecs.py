@@ -4,6 +4,7 @@ every codec, and the codec/payload/mode combinations that must be refused."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -251,3 +252,123 @@ def test_manifest_fields_must_match_the_codec(codec_caches, tmp_path):
         (dst / "manifest.json").write_text(json.dumps(seal(m)))
         with pytest.raises(CacheFormatError):
             open_cache(str(dst))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `inputs`: the attention inputs and the teacher's q/k projections, decoded against timm's own attention
+
+INPUT_TEACHERS = {
+    "plain": dict(name="vit_tiny_patch16_224", image_size=32,
+                  args=dict(patch_size=8, depth=2, embed_dim=64, num_heads=4)),
+    "qk_norm": dict(name="vit_tiny_patch16_224", image_size=32,
+                    args=dict(patch_size=8, depth=2, embed_dim=64, num_heads=4, qk_norm=True)),
+    "registers": dict(name="vit_small_patch14_reg4_dinov2", image_size=28,
+                      args=dict(depth=2, embed_dim=64, num_heads=2)),
+}
+
+
+@pytest.fixture(scope="module")
+def inputs_teachers(tmp_path_factory):
+    """Random teachers whose q/k weights are scaled up: timm's init gives near-uniform maps (KL to uniform ~1e-7),
+    on which a decode that flattens the maps would pass any bound; these have peaked ones."""
+    from conftest import TinyTeacher
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("inputs_teachers")
+    teachers = {}
+    for name, spec in INPUT_TEACHERS.items():
+        torch.manual_seed(3)
+        model, _ = TeacherOptions(spec["name"], image_size=spec["image_size"], pretrained=False,
+                                  args=spec["args"]).build()
+        state = model.state_dict()
+        for key in state:
+            if key.endswith("attn.qkv.weight"):
+                state[key] = state[key] * 12
+        path = root / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        teachers[name] = TinyTeacher(spec["name"], spec["image_size"], dict(spec["args"]), path)
+    return teachers
+
+
+@pytest.mark.parametrize("layout", sorted(INPUT_TEACHERS))
+@pytest.mark.parametrize(("bits", "max_kl"), [(16, 1e-6), (8, 1e-4), (6, 2e-3)])
+def test_inputs_codec_decodes_to_timm_attention(inputs_teachers, image_folder, tmp_path, layout, bits, max_kl):
+    teacher = inputs_teachers[layout]
+    out = tmp_path / "cache"
+    extract(teacher.config(image_folder, out, views=2, codec="inputs", codec_params={"bits": bits},
+                           records_per_shard=5))
+    cache = open_cache(str(out))
+    assert cache.payload == "inputs" and cache.decodes_to == "logits"
+    assert (out / "teacher_qk.safetensors").is_file()
+    rows = list(range(len(cache)))
+    x = torch.stack([render_sample((image_folder / cache.samples[r % cache.num_samples]["key"]).read_bytes(),
+                                   cache.views[r], cache.teacher) for r in rows])
+    probs = reference_maps(teacher.timm_model(), x, cache.layers, "probs")  # timm's non-fused softmax
+    got = cache.read_rows(rows).softmax(-1)
+    assert got.shape == probs.shape
+    kl = row_kl(probs, got)
+    assert kl.mean() <= max_kl, (kl.mean(), max_kl)
+    uniform = torch.full_like(probs, 1 / probs.shape[-1])
+    assert row_kl(probs, uniform).mean() > 50 * max(max_kl, 1e-4)  # the bound can tell real maps from flat ones
+
+
+def test_inputs_cache_trains_and_its_projections_file_is_checked(inputs_teachers, image_folder, tmp_path):
+    """A copy student trains from an `inputs` cache through loader workers (the projections travel with the
+    reopened cache); a damaged or forged projections file is a one-line error before any record is decoded."""
+    from safetensors.torch import load, save
+
+    teacher = inputs_teachers["plain"]
+    out = tmp_path / "c"
+    extract(teacher.config(image_folder, out, views=2, codec="inputs", records_per_shard=5))
+    val = tmp_path / "v"
+    extract(teacher.config(image_folder, val, split="val", codec="inputs"))
+    cfg = TrainConfig(mode="copy", out=str(tmp_path / "run"), cache=str(out), data=str(image_folder),
+                      val_cache=str(val), val_data=str(image_folder), epochs=1, batch_size=2, workers=2,
+                      progress=False, log_every=1, lr=1e-3, warmup_epochs=0.5)
+    from attncache.train import train
+
+    assert train(cfg)["steps"] == 3  # 6 images, one view per epoch, batches of 2
+    path = out / "teacher_qk.safetensors"
+    original = path.read_bytes()
+    data = bytearray(original)
+    data[-10] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CacheFormatError, match="teacher_qk.safetensors: does not match the size and sha256"):
+        open_cache(str(out))
+    # a forgery that agrees with the manifest: weights of another shape, a NaN, a missing tensor
+    tensors = load(original)
+    for edit in ("shape", "nan", "missing"):
+        forged = dict(tensors)
+        if edit == "shape":
+            forged["0.qk.weight"] = forged["0.qk.weight"][:, :8].contiguous()
+        elif edit == "nan":
+            forged["1.qk.bias"] = forged["1.qk.bias"].clone()
+            forged["1.qk.bias"][0] = float("nan")
+        else:
+            del forged["1.qk.bias"]
+        blob = save(forged, metadata={"qk_norm": "none", "eps": "1e-06"})
+        path.write_bytes(blob)
+        m = json.loads((out / "manifest.json").read_text())
+        m["files"]["teacher_qk.safetensors"].update(bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+        (out / "manifest.json").write_text(json.dumps(seal(m)))
+        with pytest.raises(CacheFormatError, match="teacher_qk.safetensors: tensor") as info:
+            open_cache(str(out))
+        assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("dim", "block"), [(64, 64), (192, 64), (384, 128), (768, 256), (1024, 256), (1280, 256),
+                                            (1664, 128), (100, 4), (33, 1)])
+def test_hadamard_rotation_is_the_documented_matrix(dim, block):
+    """format.md: the Sylvester Hadamard of order b / √b on the diagonal, b the largest power of two dividing D
+    (at most 256): symmetric and orthogonal, entries ±1/√b inside the blocks, 0 outside."""
+    from attncache.codecs.inputs import hadamard, hadamard_block
+
+    assert hadamard_block(dim) == block
+    h = hadamard(dim).double()
+    torch.testing.assert_close(h, h.T, rtol=0, atol=0)
+    torch.testing.assert_close(h @ h, torch.eye(dim, dtype=torch.float64), rtol=0, atol=1e-6)
+    inside = torch.block_diag(*[torch.ones(block, block, dtype=torch.float64)] * (dim // block)).bool()
+    assert torch.all(h[~inside] == 0)
+    torch.testing.assert_close(h[inside].abs(), torch.full((int(inside.sum()),), block ** -0.5,
+                                                           dtype=torch.float64), rtol=0, atol=1e-7)
+    assert torch.equal(h[0, :2], torch.tensor([1.0, 1.0 if block > 1 else 0.0], dtype=torch.float64) * h[0, 0])

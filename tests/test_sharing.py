@@ -344,3 +344,19 @@ def test_a_missing_backend_is_one_line_naming_the_extra(monkeypatch):
     with pytest.raises(AttncacheError, match=r"s3:// needs a package that is not installed \(pip install "
                                              r"'attncache\[s3\]'"):
         open_cache("s3://bucket/cache")
+
+
+def test_loader_workers_reopen_exactly_the_manifest_this_process_read(tmp_path, folder_fp16_zarr):
+    """A pickled cache (what a DataLoader worker gets) is pinned to its manifest's sha256: if the cache at the URL
+    is replaced in between, the worker refuses it instead of mixing two caches."""
+    import pickle
+
+    root = tmp_path / "c"
+    shutil.copytree(folder_fp16_zarr, root)
+    cache = open_cache(str(root))
+    blob = pickle.dumps(cache)
+    assert torch.equal(pickle.loads(blob).read_rows([0]), cache.read_rows([0]))
+    m = json.loads((root / "manifest.json").read_text())
+    (root / "manifest.json").write_text(json.dumps(m, indent=1))  # same content, other bytes: another manifest
+    with pytest.raises(CacheFormatError, match="not the cache that was published"):
+        pickle.loads(blob)

@@ -30,6 +30,7 @@ from ..store.format import (
     FORMAT_VERSION,
     MANIFEST,
     PLAN,
+    PROJECTIONS,
     SAMPLES,
     VIEWS,
     dataset_fingerprint,
@@ -37,6 +38,7 @@ from ..store.format import (
 )
 from ..store.fs import is_url
 from ..teacher import AttentionCapture, parse_layers
+from ..teacher.projections import projections_bytes
 from ..views import View, ViewPolicy
 from . import plan as plans
 from .config import ExtractConfig, check_options
@@ -101,13 +103,15 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, s
                          depth=spec.depth)
     samples_bytes = b"".join(dumps_canonical(s) + b"\n" for s in samples)
     views_bytes = b"".join(dumps_canonical(_view_record(r, len(samples), views[r])) + b"\n" for r in range(records))
+    index_files = {SAMPLES: samples_bytes, VIEWS: views_bytes}
+    if codec.needs_projections:  # the cache carries what decoding needs (teacher/projections.py)
+        index_files[PROJECTIONS] = projections_bytes(model, layers)
     plan = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,  # per-chunk checksums and a sealed manifest, whatever the views need
         **head,
         "dataset": {**dataset_head, "fingerprint": dataset_fingerprint(samples)},
-        "files": {SAMPLES: plans.index_file_entry(SAMPLES, samples_bytes),
-                  VIEWS: plans.index_file_entry(VIEWS, views_bytes)},
+        "files": {name: plans.index_file_entry(name, data) for name, data in index_files.items()},
     }
     part = cfg.num_shards > 1  # one of several independent jobs (a SLURM array): claim, write, leave the rest
     run_dir = plans.cache_dir(out)
@@ -121,8 +125,8 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, s
                 if on_claim is not None:
                     on_claim()
                 plans.save_scan(out, samples, [e.stamp for e in entries])
-                atomic_write_bytes(out / SAMPLES, samples_bytes)
-                atomic_write_bytes(out / VIEWS, views_bytes)
+                for name, data in index_files.items():
+                    atomic_write_bytes(out / name, data)
                 writer = WRITERS[cfg.format](out, fields, codec.compressor(), records, per_shard, cfg.embed_images)
             except AttncacheError as exc:
                 error = str(exc)

@@ -22,6 +22,7 @@ from ..store.format import (
     MANIFEST,
     PLAN,
     PROGRESS_DIR,
+    PROJECTIONS,
     SAMPLES,
     VIEWS,
     WDS_SHARD_DIR,
@@ -75,7 +76,7 @@ def _discard(out: Path, old_plan: dict) -> None:
     for name in (PROGRESS_DIR, WDS_SHARD_DIR, *[n for n in fields if isinstance(n, str) and n.isidentifier()]):
         if (out / name).is_dir() and not (out / name).is_symlink():
             shutil.rmtree(out / name)
-    for name in (SAMPLES, VIEWS, "zarr.json"):
+    for name in (SAMPLES, VIEWS, PROJECTIONS, "zarr.json"):
         (out / name).unlink(missing_ok=True)
 
 

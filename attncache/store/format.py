@@ -30,6 +30,7 @@ DIGEST_FIELD = "content_sha256"
 MANIFEST = "manifest.json"
 SAMPLES = "samples.jsonl"  # one JSON object per image, in sample-index order
 VIEWS = "views.jsonl"  # one JSON object per record, in row order
+PROJECTIONS = "teacher_qk.safetensors"  # codec `inputs`: the teacher's q/k projections of the captured layers
 PROGRESS_DIR = ".progress"  # resume state of an unfinished extraction; never part of a finished cache
 PLAN = f"{PROGRESS_DIR}/plan.json"
 
@@ -165,8 +166,11 @@ def validate_manifest(m: dict) -> dict:
     _require("augment" not in m["views"] or (m["version"] >= 3 and m["views"]["split"] == "train"),
              "views.augment needs format version 3 and the train split")
     _check_store(m["store"], m["codec"]["fields"], n * k)
-    for name in (SAMPLES, VIEWS):
+    for name in m["files"]:
         _require(m["files"][name]["path"] == name, f"files.{name}.path must be {name!r}")
+    needs = get_codec(m["codec"]["name"], **m["codec"]["params"]).needs_projections
+    _require((PROJECTIONS in m["files"]) == needs,
+             f"files.{PROJECTIONS} must be there exactly when the codec decodes with the teacher's projections")
     # last, so a value out of range is named as such; a valid value changed by hand is caught here
     _require((DIGEST_FIELD in m) == (m["version"] >= 4), f"{DIGEST_FIELD} is required from format version 4 on")
     _require(DIGEST_FIELD not in m or m[DIGEST_FIELD] == content_digest(m),

@@ -6,7 +6,9 @@ materialise an N×N map it would not otherwise compute. From q and k, in fp32, w
 
 - payload "logits": `(q * scale) @ kᵀ`;
 - payload "probs":  its softmax (bit-identical to timm's non-fused path in fp32);
-- payload "qk":     `q * scale` and k themselves, (B, L, 2, H, N, head_dim): N·d numbers per head instead of N².
+- payload "qk":     `q * scale` and k themselves, (B, L, 2, H, N, head_dim): N·d numbers per head instead of N²;
+- payload "inputs": the attention's input x itself (the output of `norm1`), (B, L, N, D): the `inputs` codec
+                    recomputes the logits from it with the teacher's q/k projections.
 
 Under autocast (extraction with `--amp`) the block's q and k are bf16. The hooks then recompute q and k in fp32 from
 the block's attention input (the fp32 output of its LayerNorm) with autocast off, so the stored map is the fp32 map
@@ -25,7 +27,7 @@ from torch import nn
 
 from ..errors import AttncacheError
 
-PAYLOADS = ("probs", "logits", "qk")
+PAYLOADS = ("probs", "logits", "qk", "inputs")
 
 
 def parse_layers(spec: str | Sequence[int] | None, depth: int) -> list[int]:
@@ -56,8 +58,8 @@ def parse_layers(spec: str | Sequence[int] | None, depth: int) -> list[int]:
 
 class AttentionCapture:
     """Call with a batch of images; returns the captured payload of the chosen layers as one fp32 tensor:
-    (B, L, H, N, N) for probs/logits, (B, L, 2, H, N, head_dim) for qk. Use as a context manager (or `close()`)
-    to remove the hooks; the model is otherwise untouched."""
+    (B, L, H, N, N) for probs/logits, (B, L, 2, H, N, head_dim) for qk, (B, L, N, D) for inputs. Use as a
+    context manager (or `close()`) to remove the hooks; the model is otherwise untouched."""
 
     def __init__(self, model: nn.Module, layers: Sequence[int], payload: str = "probs"):
         if payload not in PAYLOADS:
@@ -97,6 +99,11 @@ class AttentionCapture:
     def _make_k_hook(self, attn: nn.Module):
         def hook(module, inputs, k):
             if not self._active:
+                return
+            if self.payload == "inputs":
+                with torch.autocast(k.device.type, enabled=False):
+                    self._store(self._x.float())
+                self._q = self._x = None
                 return
             q = self._q
             if torch.is_autocast_enabled(k.device.type):

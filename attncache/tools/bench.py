@@ -26,6 +26,7 @@ from ..files import atomic_write_json
 from ..sources import open_image, open_source
 from ..store import WRITERS
 from ..teacher import AttentionCapture, TeacherOptions, parse_kwargs, parse_layers
+from ..teacher.projections import from_model
 from ..views import ViewPolicy, render
 
 
@@ -288,7 +289,8 @@ def _device_name(device: torch.device) -> str:
 
 DEFAULT_BENCH_CODECS = ("fp16", "qk", "qk:bits=8", "lowrank:rank=48", "lowrank", "lowrank:rank=32,bits=6",
                         "lowrank:rank=24,bits=6", "sqrtq:bits=8", "sqrtq", "sqrtq:bits=5", "logq:bits=8", "logq",
-                        "logq:bits=5", "cls")
+                        "logq:bits=5", "inputs:bits=16", "inputs", "inputs:bits=7", "inputs:bits=6",
+                        "inputs:bits=5", "inputs:bits=4", "cls")
 
 
 @dataclass
@@ -351,6 +353,11 @@ def bench_codecs(b: CodecBench) -> dict:
             captured[payload] = [capture(x.to(device)).cpu() for x in batches]
     reference = captured["probs"]
     raw = int(np.prod(shape.map_shape)) * 2
+    if any(codec.needs_projections for _, codec in codecs):
+        projections = from_model(model, layers)  # what a cache of these codecs carries
+        for _, codec in codecs:
+            if codec.needs_projections:
+                codec.bind(projections)
 
     rows = []
     for name, codec in codecs:

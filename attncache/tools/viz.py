@@ -84,7 +84,8 @@ def figure(pixels: torch.Tensor, panels: list[Panel], layers: list[int], heads: 
                 ax.set_title(label, fontsize=7)
                 ax.axis("off")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    # leave the title its own strip (about 0.45 inch) above the grid, whatever the number of rows
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
