@@ -50,8 +50,12 @@ class Publisher:
         if local_plan.is_file() and local_plan.read_bytes() != plan:
             raise AttncacheError(f"--stage {self.stage}: holds another extraction's plan than {self.url}; "
                                  "remove the staging directory or choose another --stage")
+        try:
+            parsed = loads_strict(plan)
+            store, fields = parsed["store"], parsed["codec"]["fields"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AttncacheError(f"--out {self.url}: its {PLAN} is not an attncache plan ({exc})") from exc
         atomic_write_bytes(local_plan, plan)
-        store, fields = loads_strict(plan)["store"], loads_strict(plan)["codec"]["fields"]
         for rel in self.remote_markers():
             index = int(rel.rsplit("-", 1)[1].split(".")[0])
             files = loads_strict(self.remote.read(rel, 1 << 20))["files"]
@@ -62,10 +66,8 @@ class Publisher:
                 self._download_shard(index, files)
 
     def remote_markers(self) -> list[str]:
-        try:
-            found = self.remote.fs.glob(self.remote.path(f"{PROGRESS_DIR}/shard-*.json"))
-        except FileNotFoundError:
-            return []
+        found = self.remote.call(PROGRESS_DIR, lambda: self.remote.fs.glob(
+            self.remote.path(f"{PROGRESS_DIR}/shard-*.json")))
         prefix = self.remote.root.rstrip("/") + "/"
         return sorted(p[len(prefix):] for p in found)
 
@@ -87,10 +89,9 @@ class Publisher:
         self.remote.put(os.path.relpath(marker, self.stage), marker)  # after its files: a marker means durable
 
     def finished(self, manifest: dict) -> None:
-        store = manifest["store"]
-        uploaded = {f["path"] for s in store["shards"] for f in s["files"]}
-        for f in named_files(manifest):
-            if f["path"] not in uploaded or not self._remote_size_ok(f):
+        shard_files = {f["path"] for s in manifest["store"]["shards"] for f in s["files"]}
+        for f in named_files(manifest):  # shards went up as they finished; a killed upload is redone here
+            if f["path"] not in shard_files or not self._remote_size_ok(f):
                 self.remote.put(f["path"], self.stage / f["path"])
         self.remote.put(MANIFEST, self.stage / MANIFEST)  # last: the cache is complete from here on
         self.remote.remove(PROGRESS_DIR)
