@@ -225,7 +225,7 @@ class CacheFS:
                         break
             return n, h.hexdigest()
 
-        return digest() if self.local else self.call(rel, digest)
+        return digest() if self.local or self._mirrored(rel) else self.call(rel, digest)  # a download retries itself
 
     def files(self) -> list[str]:
         """Every file below the root, as relative paths (what `verify` compares with the manifest)."""
