@@ -26,15 +26,21 @@ BLOSC_MAX_OVERHEAD = 16  # a blosc1 frame is at most its header longer than the 
 CHECKSUM_BYTES = 4  # crc32c, little-endian, after each stored chunk (format version >= 4)
 
 
+# CRC-32C of a message followed by its own CRC-32C (little-endian) is this constant for every message (the CRC's
+# "residue"): checking it needs no copy of the payload without its last 4 bytes.
+CRC32C_RESIDUE = 0x48674BC7
+
+
 def crc32c(data: bytes) -> bytes:
     return google_crc32c.value(data).to_bytes(CHECKSUM_BYTES, "little")
 
 
-def strip_checksum(data: bytes, where: str) -> bytes:
-    """A stored chunk's payload, after checking the crc32c that ends it."""
-    if len(data) < CHECKSUM_BYTES or crc32c(data[:-CHECKSUM_BYTES]) != data[-CHECKSUM_BYTES:]:
+def strip_checksum(data: bytes, where: str) -> memoryview:
+    """A stored chunk's payload (a view, not a copy: chunks are megabytes), after checking the crc32c that ends
+    it."""
+    if len(data) < CHECKSUM_BYTES or google_crc32c.value(np.frombuffer(data, np.uint8)) != CRC32C_RESIDUE:
         raise CacheFormatError(f"{where}: checksum mismatch (damaged or altered data)")
-    return data[:-CHECKSUM_BYTES]
+    return memoryview(data)[:-CHECKSUM_BYTES]
 
 
 class StoreWriter:
@@ -117,7 +123,8 @@ def blosc_header_sizes(data: bytes, where: str) -> tuple[int, int]:
     return int.from_bytes(data[4:8], "little"), int.from_bytes(data[12:16], "little")
 
 
-def decompress_bounded(codec_config: dict | None, data: bytes, spec: FieldSpec, where: str) -> np.ndarray:
+def decompress_bounded(codec_config: dict | None, data: bytes | memoryview, spec: FieldSpec,
+                       where: str) -> np.ndarray:
     """Decode one record's field, refusing anything whose declared size differs from the manifest's."""
     if codec_config is None:
         if len(data) != spec.nbytes:

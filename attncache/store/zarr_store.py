@@ -175,7 +175,7 @@ class ZarrReader(StoreReader):
                 spans = [(*self._extent(rel, index, data_end, row, first, spec), j, row) for j, row in items]
                 for run in _runs(sorted(spans)):  # one read per run of adjacent chunks
                     start, end = run[0][0], run[-1][0] + run[-1][1]
-                    blob = self.fs.read_range(rel, start, end)
+                    blob = memoryview(self.fs.read_range(rel, start, end))  # chunks as views, not copies
                     for offset, length, j, row in run:
                         chunk = blob[offset - start:offset - start + length]
                         out[name][j] = self.decode_chunk(chunk, spec, f"{self.fs.where(rel)} record {row}")
