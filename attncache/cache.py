@@ -14,9 +14,11 @@ from dataclasses import dataclass
 import torch
 
 from .codecs import get_codec
+from .codecs.inputs_klt import load_basis
 from .errors import CacheFormatError
 from .store import READERS, CacheFS
 from .store.format import (
+    BASIS,
     MANIFEST,
     MAX_MANIFEST_BYTES,
     PROJECTIONS,
@@ -74,6 +76,9 @@ class Cache:
             t = m["teacher"]
             self.codec.bind(load_projections(self._file(PROJECTIONS), len(m["capture"]["layers"]), t["num_heads"],
                                              t["embed_dim"], self.fs.where(PROJECTIONS)))
+        if self.codec.needs_basis:
+            self.codec.bind_basis(load_basis(self._file(BASIS), len(m["capture"]["layers"]), m["teacher"]["embed_dim"],
+                                             self.fs.where(BASIS)))
         self.decodes_to: str = self.codec.decodes_to(self.payload)  # "probs" or "logits"
         self.num_samples: int = m["dataset"]["num_samples"]
         self.views_per_image: int = m["views"]["views_per_image"]

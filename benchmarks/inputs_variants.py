@@ -73,6 +73,18 @@ def report(name, kls, nbytes, raw):
           flush=True)
 
 
+def teacher_and_photos(weights: str, folder: str, limit: int):
+    """The real DINOv2-S at 224 px and timm's eval view of the first `limit` PNGs of `folder`."""
+    import timm
+
+    model, spec = TeacherOptions("vit_small_patch14_dinov2", weights=weights, image_size=224,
+                                 pretrained=False).build()
+    cfg = timm.data.resolve_data_config({}, model=model)
+    tf = timm.data.create_transform(**{**cfg, "input_size": (3, 224, 224)})
+    paths = sorted(Path(folder).glob("*.png"))[:limit]
+    return model, spec, torch.stack([tf(Image.open(p).convert("RGB")) for p in paths])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", required=True)
@@ -80,14 +92,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=8)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    model, spec = TeacherOptions("vit_small_patch14_dinov2", weights=args.weights, image_size=224,
-                                 pretrained=False).build()
-    import timm
-
-    cfg = timm.data.resolve_data_config({}, model=model)
-    tf = timm.data.create_transform(**{**cfg, "input_size": (3, 224, 224)})
-    paths = sorted(Path(args.images).glob("*.png"))[: args.limit]
-    images = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths])
+    model, spec, images = teacher_and_photos(args.weights, args.images, args.limit)
     residual, inputs = {}, {}
     hooks = [b.register_forward_pre_hook(lambda m, a, i=i: residual.__setitem__(i, a[0].detach()))
              for i, b in enumerate(model.blocks)]
@@ -97,7 +102,7 @@ def main() -> None:
         model.forward_features(images)
     for h in hooks:
         h.remove()
-    blocks, dim, n = model.blocks, spec.embed_dim, len(paths)
+    blocks, dim, n = model.blocks, spec.embed_dim, len(images)
     raw = n * len(blocks) * spec.num_heads * spec.num_tokens ** 2 * 2
     torch.manual_seed(0)
     rotations = {"none": None, "random": torch.linalg.qr(torch.randn(dim, dim))[0],

@@ -358,6 +358,7 @@ def evaluate(
     storage_option: StorageOption = [],  # noqa: B006
     cache_dir: CacheDir = None,
     batch_size: int = typer.Option(64), device: Device = "cpu", workers: int = typer.Option(0),
+    as_json: bool = typer.Option(False, "--json", help="print the results as JSON instead of a short summary"),
 ):
     """Top-1 of a trained student (and of its ensemble with a fine-tuned teacher)."""
     from attncache.eval import evaluate_run
@@ -368,7 +369,16 @@ def evaluate(
                               storage_options(storage_option, cache_dir))
     except AttncacheError as exc:
         _fail(exc)
-    typer.echo(json.dumps(result, indent=2))
+    typer.echo(json.dumps(result, indent=2) if as_json else _eval_summary(result))
+
+
+def _eval_summary(result: dict) -> str:
+    lines = [f"{result['mode']} student ({result['weights']}): top-1 {result['student_top1']:.1f} % "
+             f"(loss {result['student_loss']:.3f}, {result['student_images']} images)"]
+    if "ensemble_top1" in result:
+        lines.append(f"fine-tuned run: top-1 {result['finetuned_top1']:.1f} %; ensemble (mean of both runs' class "
+                     f"probabilities): top-1 {result['ensemble_top1']:.1f} %")
+    return "\n".join(lines)
 
 
 @bench_app.command("extract")

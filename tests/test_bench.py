@@ -40,6 +40,18 @@ def test_bench_codecs_reports_possible_errors(tiny_teacher):
     assert 0 < rows["fp16"]["kl_mean"] <= rows["fp16"]["kl_p99"] < rows["sqrtq:bits=8"]["kl_p99"]
 
 
+def test_bench_measures_a_fitted_codec_on_views_it_was_not_fitted_on(tmp_path, tiny_teacher):
+    """`inputs_klt` is fitted on the first half of the views and measured on the rest (no in-sample optimism);
+    `bench extract` fits it outside the timed stages."""
+    r = bench_codecs(CodecBench(teacher=tiny_teacher.options(), data="demo:2", codecs=("inputs_klt:step=0.01",),
+                                batch_size=4, repeats=1))
+    (row,) = r["codecs"]
+    assert r["views"] == 8 and row["fitted_on_views"] == 4 and 0 < row["kl_mean"] < 1e-2
+    e = bench_extract(ExtractBench(teacher=tiny_teacher.options(), data="demo:2", out=str(tmp_path / "b"),
+                                   batch_size=4, views=2, repeats=1, codec="inputs_klt"))
+    assert e["payload"] == "inputs" and e["ratio_vs_raw_fp16"] > 0
+
+
 def test_bench_extract_figures_relate_as_documented(tmp_path, tiny_teacher):
     """Regression: `bench extract` timed its "plain inference" baseline on the hooked, explicit-path teacher and
     reported an efficiency of 1.23. The bound is min(teacher+capture, encode+write), so efficiency = extract /

@@ -178,9 +178,13 @@ def test_train_and_eval_commands(cli_cache, tmp_path):
         f"copy: {trained['steps']} steps, 1 epochs; val top-1 {trained['val_top1']:.1f} %")
     assert f"in {run}: model.safetensors, results.json, metrics.jsonl" in again.stdout
     assert trained["mode"] == "copy" and trained["layers"] == [0] and trained["val_images"] == 8
-    evaluated = _run("eval", "--checkpoint", run)
+    evaluated = _run("eval", "--checkpoint", run, "--json")
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(evaluated.stdout)["student_top1"] == trained["val_top1"]
+    summary = _run("eval", "--checkpoint", run)
+    assert summary.exit_code == 0 and summary.stdout.splitlines() == [
+        f"copy student (model.safetensors): top-1 {trained['val_top1']:.1f} % (loss {trained['val_loss']:.3f}, "
+        f"{trained['val_images']} images)"]
     # errors: one line, exit code 2, nothing written
     bad = _run(*args[:-1], "--mixup", "0.8", "--quiet")
     assert bad.exit_code == 2 and "its views were drawn with other augmentation: mixup 0.0 (asked: 0.8)" in bad.stderr

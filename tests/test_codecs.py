@@ -372,3 +372,143 @@ def test_hadamard_rotation_is_the_documented_matrix(dim, block):
     torch.testing.assert_close(h[inside].abs(), torch.full((int(inside.sum()),), block ** -0.5,
                                                            dtype=torch.float64), rtol=0, atol=1e-7)
     assert torch.equal(h[0, :2], torch.tensor([1.0, 1.0 if block > 1 else 0.0], dtype=torch.float64) * h[0, 0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `inputs_klt`: the attention inputs in a basis fitted at extraction
+
+
+def _klt_rows_against_timm(teacher, cache, image_folder, rows):
+    x = torch.stack([render_sample((image_folder / cache.samples[r % cache.num_samples]["key"]).read_bytes(),
+                                   cache.views[r], cache.teacher) for r in rows])
+    probs = reference_maps(teacher.timm_model(), x, cache.layers, "probs")  # timm's non-fused softmax
+    return probs, cache.read_rows(rows).softmax(-1)
+
+
+@pytest.mark.parametrize("layout", sorted(INPUT_TEACHERS))
+@pytest.mark.parametrize(("step", "max_kl"), [(0.002, 5e-5), (0.01, 1e-3)])
+def test_inputs_klt_decodes_to_timm_attention_on_views_it_was_not_fitted_on(inputs_teachers, image_folder, tmp_path,
+                                                                             layout, step, max_kl):
+    """Fitted on 3 of the 12 views; the other 9 decode within the bound too (the basis generalises), and the
+    bound tells the teacher's maps from flat ones."""
+    teacher = inputs_teachers[layout]
+    out = tmp_path / "cache"
+    extract(teacher.config(image_folder, out, views=2, codec="inputs_klt", codec_params={"step": step, "fit": 3},
+                           records_per_shard=5))
+    cache = open_cache(str(out))
+    assert cache.payload == "inputs" and cache.decodes_to == "logits"
+    assert (out / "inputs_basis.safetensors").is_file() and (out / "teacher_qk.safetensors").is_file()
+    fitted = {r * len(cache) // 3 for r in range(3)}
+    held_out = [r for r in range(len(cache)) if r not in fitted]
+    probs, got = _klt_rows_against_timm(teacher, cache, image_folder, held_out)
+    kl = row_kl(probs, got)
+    assert kl.mean() <= max_kl, (kl.mean(), max_kl)
+    uniform = torch.full_like(probs, 1 / probs.shape[-1])
+    assert row_kl(probs, uniform).mean() > 50 * max_kl
+
+
+def test_inputs_klt_resume_reuses_the_recorded_basis(inputs_teachers, image_folder, tmp_path, monkeypatch):
+    """Killed after its first shard, the re-run codes the rest in the basis it recorded (never a refit, which on
+    another device could differ): every file equals an uninterrupted extraction's."""
+    import attncache.extract as extract_module
+
+    teacher = inputs_teachers["plain"]
+    config = dict(views=2, codec="inputs_klt", codec_params={"step": 0.01, "fit": 4}, records_per_shard=5)
+    whole = tmp_path / "whole"
+    extract(teacher.config(image_folder, whole, **config))
+
+    class Killed(Exception):
+        pass
+
+    def die(shard):
+        raise Killed
+
+    out = tmp_path / "resumed"
+    with pytest.raises(Killed):
+        extract(teacher.config(image_folder, out, **config), on_shard=die)
+    assert (out / "inputs_basis.safetensors").is_file() and not (out / "manifest.json").exists()
+
+    def no_refit(*args):
+        raise AssertionError("the basis was fitted again")
+
+    monkeypatch.setattr(extract_module, "fit_basis", no_refit)
+    extract(teacher.config(image_folder, out, **config))
+    files = sorted(p.relative_to(whole) for p in whole.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert {str(f) for f in files if (whole / f).read_bytes() != (out / f).read_bytes()} <= {"manifest.json"}
+    a, b = (json.loads((d / "manifest.json").read_text()) for d in (whole, out))
+    assert a["files"] == b["files"] and a["store"]["shards"] == b["store"]["shards"]  # only its timestamps differ
+
+
+def test_inputs_klt_cache_trains_and_its_basis_file_is_checked(inputs_teachers, image_folder, tmp_path):
+    """A copy student trains from an `inputs_klt` cache through loader workers (the basis travels with the reopened
+    cache); a damaged basis, a forged one that agrees with the manifest, or none at all is a one-line error."""
+    from safetensors.torch import load, save
+
+    from attncache.train import train
+
+    teacher = inputs_teachers["qk_norm"]
+    out, val = tmp_path / "c", tmp_path / "v"
+    extract(teacher.config(image_folder, out, views=2, codec="inputs_klt", records_per_shard=5))
+    extract(teacher.config(image_folder, val, split="val", codec="inputs_klt"))
+    cfg = TrainConfig(mode="copy", out=str(tmp_path / "run"), cache=str(out), data=str(image_folder),
+                      val_cache=str(val), val_data=str(image_folder), epochs=1, batch_size=2, workers=2,
+                      progress=False, log_every=1, lr=1e-3, warmup_epochs=0.5)
+    assert train(cfg)["steps"] == 3
+    path = out / "inputs_basis.safetensors"
+    original = path.read_bytes()
+    data = bytearray(original)
+    data[-7] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CacheFormatError, match="inputs_basis.safetensors: does not match the size and sha256"):
+        open_cache(str(out))
+    manifest = json.loads((out / "manifest.json").read_text())
+    tensors = load(original)
+    for edit, match in (("shape", "tensor 0.mean must be"), ("nan", "tensor 1.decode must be finite"),
+                        ("singular", "layer 1's basis is singular"), ("missing", "do not match")):
+        forged = dict(tensors)
+        if edit == "shape":
+            forged["0.mean"] = forged["0.mean"][:8].contiguous()
+        elif edit == "nan":
+            forged["1.decode"] = forged["1.decode"].clone()
+            forged["1.decode"][0, 0] = float("nan")
+        elif edit == "singular":
+            forged["1.decode"] = forged["1.decode"].clone()
+            forged["1.decode"][3] = forged["1.decode"][2]
+        else:
+            del forged["0.decode"]
+        blob = save(forged)
+        path.write_bytes(blob)
+        m = json.loads(json.dumps(manifest))
+        m["files"]["inputs_basis.safetensors"].update(bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+        (out / "manifest.json").write_text(json.dumps(seal(m)))
+        with pytest.raises(CacheFormatError, match=match) as info:
+            open_cache(str(out))
+        assert "\n" not in str(info.value)
+    m = json.loads(json.dumps(manifest))
+    del m["files"]["inputs_basis.safetensors"]
+    (out / "manifest.json").write_text(json.dumps(seal(m)))
+    with pytest.raises(CacheFormatError, match="inputs_basis.safetensors must be there exactly when"):
+        open_cache(str(out))
+
+
+def test_projections_and_basis_files_are_the_same_bytes_in_every_process(inputs_teachers):
+    """safetensors writes `__metadata__` from a hash map seeded per process: without a canonical header the same
+    projections were other bytes in a re-run, so a resumed `inputs` extraction was refused as a different cache."""
+    import subprocess
+    import sys
+
+    teacher = inputs_teachers["qk_norm"]
+    script = (
+        "import hashlib, sys, torch\n"
+        "from attncache.teacher import TeacherOptions\n"
+        "from attncache.teacher.projections import projections_bytes\n"
+        "from attncache.codecs.inputs_klt import Basis, basis_bytes\n"
+        f"m, _ = TeacherOptions({teacher.name!r}, weights={str(teacher.weights)!r}, image_size={teacher.image_size},"
+        f" pretrained=False, args={teacher.args!r}).build()\n"
+        "b = Basis(torch.zeros(2, 64), torch.eye(64).repeat(2, 1, 1))\n"
+        "print(hashlib.sha256(projections_bytes(m, [0, 1])).hexdigest(), hashlib.sha256(basis_bytes(b)).hexdigest())\n"
+    )
+    digests = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+               for _ in range(4)}
+    assert len(digests) == 1, digests

@@ -355,3 +355,22 @@ def test_distill_from_real_cache_equals_live_teacher(tmp_path, caches, photo_fol
     assert len(m_c) == len(m_l) == STEPS and loss_diff < 1e-5
     # Weights are only reported: Adam divides by sqrt(v), so fp32 noise in a near-zero gradient can move a weight by
     # up to lr per step on another machine's kernels; the per-step losses above already pin the trajectory.
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("step", "max_kl", "min_ratio"), [(0.005, 2e-4, 9.0), (0.07, 2e-2, 25.0)])
+def test_inputs_klt_on_the_real_teacher(tmp_path, teacher, teacher_opts, photo_folder, step, max_kl, min_ratio):
+    """The fitted-basis codec on real DINOv2-S maps: fitted on half the views (rows 0, 2, 4, 6), the other half
+    decodes within its tier's KL of the live teacher's maps, at the size docs/benchmarks.md reports (within margin)."""
+    model, _ = teacher
+    out = tmp_path / "klt"
+    extract(ExtractConfig(teacher=teacher_opts, data=str(photo_folder), out=str(out), views=VIEWS, codec="inputs_klt",
+                          codec_params={"step": step, "fit": 4}, batch_size=4, workers=1, progress=False))
+    cache = open_cache(str(out))
+    held_out = [1, 3, 5, 7]
+    live = capture(model, rendered(cache, held_out, photo_folder))
+    got = cache.read_rows(held_out).softmax(-1)
+    kl = (live * (live.clamp_min(1e-30).log() - got.clamp_min(1e-30).log())).sum(-1)
+    ratio = cache.summary()["ratio_vs_raw_fp16"]
+    print(f"inputs_klt step {step}: {ratio:.2f}x, held-out KL mean {kl.mean():.2e}, p99 {kl.quantile(0.99):.2e}")
+    assert kl.mean() <= max_kl and ratio >= min_ratio

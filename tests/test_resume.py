@@ -120,6 +120,40 @@ def test_ctrl_c_checkpoints_the_true_step(tmp_path, kill_caches, reference_run):
     assert_same_run(out, reference_run[0])
 
 
+def test_a_signal_right_after_an_evaluation_does_not_redo_it(tmp_path, kill_caches, monkeypatch):
+    """Regression: SIGTERM that arrived after an epoch's evaluation was logged, before the epoch-end checkpoint,
+    saved the epoch as not yet evaluated; the resumed run evaluated it again and metrics.jsonl held that epoch's
+    line twice (found in a benchmark killed with pkill). Now the checkpoint counts the epoch as done, and the
+    resumed run's metrics, weights and results equal an uninterrupted run's."""
+    from attncache.errors import RunInterrupted
+    from attncache.train.engine import Engine
+
+    def config(out):
+        return TrainConfig(mode="distill", cache=str(kill_caches["train"]), data="demo:8",
+                           val_cache=str(kill_caches["val"]), val_data="demo:4", out=str(out), epochs=2,
+                           batch_size=4, lr=1e-3, warmup_epochs=0.5, drop_path=0.2, workers=0, log_every=2,
+                           progress=False)
+
+    train(config(tmp_path / "reference"))
+    say = Engine._say
+
+    def signal_after_the_first_evaluation(self, msg):
+        say(self, msg)
+        if msg.startswith("epoch 1:"):
+            os.kill(os.getpid(), signal.SIGTERM)  # caught by the run's handler, like a `kill` from outside
+
+    monkeypatch.setattr(Engine, "_say", signal_after_the_first_evaluation)
+    out = tmp_path / "run"
+    with pytest.raises(RunInterrupted):
+        train(config(out))
+    assert [m["epoch"] for m in metrics(out) if m["kind"] == "eval"] == [1]
+    monkeypatch.setattr(Engine, "_say", say)
+    train(config(out))
+    assert [m["epoch"] for m in metrics(out) if m["kind"] == "eval"] == [1, 2]
+    assert metrics(out) == metrics(tmp_path / "reference")
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "reference" / "model.safetensors").read_bytes()
+
+
 def test_drop_path_mid_epoch_resume_is_exact(tmp_path, kill_caches):
     """Regression: each DataLoader iterator drew its base seed from the global RNG, at another point in a resumed
     run than in an uninterrupted one, so with drop-path the weights differed (1.5e-3 after 5 steps). Deep model,

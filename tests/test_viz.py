@@ -9,6 +9,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from attncache.errors import AttncacheError
+from attncache.extract import extract
 from attncache.tools.viz import attention_rows, query_index, visualize
 
 runner = CliRunner()
@@ -69,3 +70,19 @@ def test_viz_errors_are_one_line(tmp_path, folder_fp32_zarr, folder_fp16_wds, im
     fails("not both", "--cache", str(folder_fp16_wds), "--image", "x.png")
     fails("--query '9,9'", "--cache", str(folder_fp16_wds), "--query", "9,9")
     fails("--image needs --teacher", "--image", str(image_folder / "cat" / "c0.jpg"))
+
+
+def test_viz_of_a_cache_with_some_layers_draws_the_layers_it_holds(tmp_path, tiny_teacher, image_folder):
+    """A cache of the transferred layers only (`--layers reference`-style): viz draws those by default, and the
+    rows drawn are that layer's, not another's."""
+    from attncache.cache import open_cache
+
+    cache = tmp_path / "layer1"
+    extract(tiny_teacher.config(image_folder, cache, layers="1", codec="fp32"))
+    default = Image.open(visualize(tmp_path / "default.png", cache=str(cache), data=str(image_folder)))
+    explicit = Image.open(visualize(tmp_path / "explicit.png", cache=str(cache), data=str(image_folder), layers="1"))
+    assert default.tobytes() == explicit.tobytes()  # layer 1, the only one held
+    item = open_cache(str(cache))[open_cache(str(cache)).samples[0]["key"], 0]
+    assert item.maps.shape[0] == 1
+    with pytest.raises(AttncacheError, match=r"holds layers \[1\], not \[0\]"):
+        visualize(tmp_path / "x.png", cache=str(cache), data=str(image_folder), layers="0")

@@ -51,6 +51,7 @@ class Codec:
     query_rows: str = "all"  # "all": decode gives (B, L, H, N, N); "cls": only the [CLS]-query row, (B, L, H, 1, N)
     payloads: tuple[str, ...] = ("probs", "logits")  # capture payloads it encodes; the first is the default
     needs_projections: bool = False  # decoding needs the teacher's q/k projections (the cache carries them)
+    needs_basis: bool = False  # coding needs a basis fitted at extraction (the cache carries it; inputs_klt)
 
     def __init__(self, **params):
         self.params = params

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..codecs.inputs_klt import basis_bytes, fit_basis, load_basis
 from ..device import parse_device
 from ..distributed import World
 from ..errors import AttncacheError
@@ -26,6 +27,7 @@ from ..rundir import FINISHED
 from ..sources import open_source
 from ..store import WRITERS
 from ..store.format import (
+    BASIS,
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST,
@@ -38,11 +40,11 @@ from ..store.format import (
 )
 from ..store.fs import is_url
 from ..teacher import AttentionCapture, parse_layers
-from ..teacher.projections import projections_bytes
+from ..teacher.projections import from_model, projections_bytes
 from ..views import View, ViewPolicy
 from . import plan as plans
 from .config import ExtractConfig, check_options
-from .pipeline import Work, run_pipeline
+from .pipeline import Work, capture_rows, run_pipeline
 
 __all__ = ["ExtractConfig", "extract", "merge"]
 
@@ -106,6 +108,10 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, s
     index_files = {SAMPLES: samples_bytes, VIEWS: views_bytes}
     if codec.needs_projections:  # the cache carries what decoding needs (teacher/projections.py)
         index_files[PROJECTIONS] = projections_bytes(model, layers)
+    work = Work(out, spec, source, samples, views, per_shard, records, cfg.embed_images)
+    if codec.needs_basis:  # fitted once on calibration views, before any shard is coded in it
+        index_files[BASIS] = _basis(cfg, out, head, work, codec, model, layers, payload, device, world)
+        codec.bind_basis(load_basis(index_files[BASIS], len(layers), spec.embed_dim, BASIS))
     plan = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,  # per-chunk checksums and a sealed manifest, whatever the views need
@@ -147,7 +153,6 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, s
                   "already complete")
         start = time.perf_counter()
         if pending:
-            work = Work(out, spec, source, samples, views, per_shard, records, cfg.embed_images)
             with AttentionCapture(model, layers, payload) as capture:
                 run_pipeline(work, pending, capture, codec, writer, batch_size=cfg.batch_size,
                              workers=cfg.workers, device=device, amp=cfg.amp, progress=cfg.progress,
@@ -174,6 +179,22 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, s
                 manifest = plans.finish(out)
         manifest = world.broadcast(manifest)
     return manifest
+
+
+def _basis(cfg: ExtractConfig, out: Path, head: dict, work: Work, codec, model, layers: list[int], payload: str,
+           device, world: World) -> bytes:
+    """The cache's fitted basis: the one an earlier run of this plan recorded, else fitted by rank 0 on `fit`
+    views spread evenly over the records (rendered and captured exactly as the pipeline will)."""
+    data = plans.recorded_index_file(out, head, BASIS)
+    if data is None and world.is_main:
+        count = min(codec.params["fit"], work.records)
+        rows = sorted({r * work.records // count for r in range(count)})
+        _log(cfg, f"fitting the {codec.name} basis on {len(rows)} views ...")
+        with AttentionCapture(model, layers, payload) as capture:
+            x = capture_rows(work, rows, capture, batch_size=cfg.batch_size, workers=cfg.workers, device=device,
+                             amp=cfg.amp)
+        data = basis_bytes(fit_basis(x, from_model(model, layers)))
+    return world.broadcast(data)
 
 
 def _extract_to_url(cfg: ExtractConfig, on_shard, stats) -> dict:

@@ -116,6 +116,30 @@ def image_ext(key: str, data: bytes, where: str) -> str:
     return {"jpeg": "jpg", "tiff": "tif"}.get(fmt, fmt) or "img"
 
 
+def _capture_batch(work: Work, batch: list, capture: AttentionCapture, device: torch.device, autocast):
+    """The capture of a batch of rendered rows, each view with the drop-path masks it was drawn with."""
+    x = torch.stack([p for _, p, _ in batch]).to(device, non_blocking=True)
+    keep, rate = drop_path_keep([work.views[row] for row, _, _ in batch])
+    with autocast, drop_path_masks(capture.model, keep, rate):
+        return capture(x)
+
+
+def _autocast(device: torch.device, amp: bool):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" \
+        else contextlib.nullcontext()
+
+
+def capture_rows(work: Work, rows: list[int], capture: AttentionCapture, *, batch_size: int, workers: int,
+                 device: torch.device, amp: bool) -> torch.Tensor:
+    """The capture of these rows exactly as the pipeline captures them, stacked on the CPU (calibration)."""
+    out = []
+    with ThreadPoolExecutor(workers) as pool:
+        rendered = list(_rendered_rows(work, rows, pool, 4 * batch_size))
+        for i in range(0, len(rendered), batch_size):
+            out.append(_capture_batch(work, rendered[i:i + batch_size], capture, device, _autocast(device, amp)).cpu())
+    return torch.cat(out)
+
+
 def run_pipeline(work: Work, pending: list[int], capture: AttentionCapture, codec: Codec, writer: StoreWriter, *,
                  batch_size: int, workers: int, device: torch.device, amp: bool, progress: bool,
                  on_shard: Callable[[int], None] | None = None) -> None:
@@ -127,14 +151,10 @@ def run_pipeline(work: Work, pending: list[int], capture: AttentionCapture, code
     writer_thread = ShardWriterThread(writer, work.out, on_shard)
     writer_thread.start()
     buffers: dict[int, list] = {}
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" \
-        else contextlib.nullcontext()
+    autocast = _autocast(device, amp)
 
     def flush(batch):
-        x = torch.stack([p for _, p, _ in batch]).to(device, non_blocking=True)
-        keep, rate = drop_path_keep([work.views[row] for row, _, _ in batch])
-        with autocast, drop_path_masks(capture.model, keep, rate):
-            captured = capture(x)
+        captured = _capture_batch(work, batch, capture, device, autocast)
         encoded = codec.encode(captured, capture.payload)
         for j, (row, _, data) in enumerate(batch):
             shard = row // per_shard

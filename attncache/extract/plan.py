@@ -19,6 +19,7 @@ from ..errors import AttncacheError
 from ..files import StrictJSONError, atomic_write_json, dumps_canonical, read_json, remove_partials, write_jsonl
 from ..rundir import RunDir
 from ..store.format import (
+    BASIS,
     MANIFEST,
     PLAN,
     PROGRESS_DIR,
@@ -76,7 +77,7 @@ def _discard(out: Path, old_plan: dict) -> None:
     for name in (PROGRESS_DIR, WDS_SHARD_DIR, *[n for n in fields if isinstance(n, str) and n.isidentifier()]):
         if (out / name).is_dir() and not (out / name).is_symlink():
             shutil.rmtree(out / name)
-    for name in (SAMPLES, VIEWS, PROJECTIONS, "zarr.json"):
+    for name in (SAMPLES, VIEWS, PROJECTIONS, BASIS, "zarr.json"):
         (out / name).unlink(missing_ok=True)
 
 
@@ -116,6 +117,21 @@ def finished_unchanged(out: Path, head: dict, dataset: dict, keys: list[str]) ->
     if recorded != keys:
         return None
     return manifest if all(_size_matches(out, f) for f in named_files(manifest)) else None
+
+
+def recorded_index_file(out: Path, head: dict, name: str) -> bytes | None:
+    """The bytes of index file `name` as an earlier run of this plan (in progress or finished) recorded it, if the
+    file is intact; else None. A fitted basis is reused from here, never fitted again: a refit on another device
+    could differ in the last bits, and the shards already written were coded in the recorded one."""
+    try:
+        recorded = _recorded_plan(out)
+        entry = recorded["files"][name]
+    except (OSError, AttncacheError, KeyError, TypeError):
+        return None
+    if plan_differences(recorded, head) or not _size_matches(out, entry):
+        return None
+    data = (out / name).read_bytes()
+    return data if hashlib.sha256(data).hexdigest() == entry["sha256"] else None
 
 
 def reopen_finished(out: Path) -> None:

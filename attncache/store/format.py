@@ -31,6 +31,7 @@ MANIFEST = "manifest.json"
 SAMPLES = "samples.jsonl"  # one JSON object per image, in sample-index order
 VIEWS = "views.jsonl"  # one JSON object per record, in row order
 PROJECTIONS = "teacher_qk.safetensors"  # codec `inputs`: the teacher's q/k projections of the captured layers
+BASIS = "inputs_basis.safetensors"  # codec `inputs_klt`: the basis fitted at extraction (codecs/inputs_klt.py)
 PROGRESS_DIR = ".progress"  # resume state of an unfinished extraction; never part of a finished cache
 PLAN = f"{PROGRESS_DIR}/plan.json"
 
@@ -168,9 +169,11 @@ def validate_manifest(m: dict) -> dict:
     _check_store(m["store"], m["codec"]["fields"], n * k)
     for name in m["files"]:
         _require(m["files"][name]["path"] == name, f"files.{name}.path must be {name!r}")
-    needs = get_codec(m["codec"]["name"], **m["codec"]["params"]).needs_projections
-    _require((PROJECTIONS in m["files"]) == needs,
+    codec = get_codec(m["codec"]["name"], **m["codec"]["params"])
+    _require((PROJECTIONS in m["files"]) == codec.needs_projections,
              f"files.{PROJECTIONS} must be there exactly when the codec decodes with the teacher's projections")
+    _require((BASIS in m["files"]) == codec.needs_basis,
+             f"files.{BASIS} must be there exactly when the codec codes in a fitted basis")
     # last, so a value out of range is named as such; a valid value changed by hand is caught here
     _require((DIGEST_FIELD in m) == (m["version"] >= 4), f"{DIGEST_FIELD} is required from format version 4 on")
     _require(DIGEST_FIELD not in m or m[DIGEST_FIELD] == content_digest(m),

@@ -106,7 +106,7 @@ def visualize(out: str | Path, *, cache: str | None = None, key: str | None = No
         raise AttncacheError("pass --cache (a cached view) or --image (a live teacher), not both")
     if cache is not None:
         pixels, maps, spec, caption = _cached_view(cache, key, view, data, storage_options)
-        chosen = parse_layers(layers or "all", spec.depth)
+        chosen = parse_layers(layers, spec.depth) if layers else list(maps[1])  # default: the layers it holds
         missing = [i for i in chosen if i not in maps[1]]
         if missing:
             raise AttncacheError(f"--cache {cache}: holds layers {maps[1]}, not {missing}")

@@ -206,9 +206,11 @@ class Engine:
                         return {"stopped_at_step": self.pos.step, "epoch": self.pos.epoch}
                     if reason == "signal":
                         self._interrupted(stop)
-                if not self._evaluate(val_loader, stop):
+                evaluated, stopping = self._evaluate(val_loader, stop)
+                if evaluated:  # the epoch is done, its evaluation logged: a stop now must not redo it
+                    self.pos = Position(self.pos.step, self.pos.epoch + 1, 0)
+                if stopping:
                     self._interrupted(stop)
-                self.pos = Position(self.pos.step, self.pos.epoch + 1, 0)
                 self.save()
         return self._finish()
 
@@ -268,23 +270,24 @@ class Engine:
         result = predict(model, loader, self.layers, self.val_maps, self.device, self.autocast, should_stop)
         return None if result is None else accuracy(*result)
 
-    def _evaluate(self, loader, stop: StopRequest) -> bool:
-        """Evaluate at an epoch end and log it (rank 0; the others wait at the next collective); False if a
-        signal came first (nothing is logged then)."""
+    def _evaluate(self, loader, stop: StopRequest) -> tuple[bool, bool]:
+        """Evaluate at an epoch end and log it (rank 0; the others wait at the next collective). Returns (done,
+        stop): done is False if a signal came first (nothing is logged then, the epoch's evaluation is redone on
+        resume); stop, whether the run stops here (a signal during or after it, on any rank)."""
         if loader is None:
-            return not self._agree_to_stop(stop, stop.requested)
+            return True, self._agree_to_stop(stop, stop.requested)
         metrics = {}
         models = [("", self.model)] + ([("_ema", self.ema.module)] if self.ema is not None else [])
         for suffix, model in models:
             result = self.evaluate_model(model, loader, lambda: stop.requested)
             if result is None:
-                return not self._agree_to_stop(stop, True)
+                return False, self._agree_to_stop(stop, True)
             metrics.update({f"val_top1{suffix}": result["top1"], f"val_loss{suffix}": result["loss"]})
             if not suffix:
                 metrics["val_images"] = result["images"]
         self.log.append({"kind": "eval", "step": self.pos.step, "epoch": self.pos.epoch + 1, **metrics})
         self._say(f"epoch {self.pos.epoch + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        return not self._agree_to_stop(stop, stop.requested)
+        return True, self._agree_to_stop(stop, stop.requested)
 
     def _agree_to_stop(self, stop: StopRequest, local: bool) -> bool:
         """Whether any rank wants to stop (just `local` alone); a rank that got no signal stops as if SIGTERM."""

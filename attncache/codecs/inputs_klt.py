@@ -1,0 +1,185 @@
+"""`inputs_klt`: the attention inputs in a basis fitted to the cache, in the metric of the attention logits.
+
+Like `inputs`, each captured layer's attention input x (N × D) is stored and the logits are recomputed on the
+training device with the teacher's q/k projections (`teacher_qk.safetensors`). What changes is how x is quantised:
+
+1. The metric. An error e in one token's x moves the logits of each head h by (W_q,h e)·k (as a query) and
+   q·(W_k,h e) (as a key). Averaged over the tokens of the calibration views, the squared logit error is eᵀ G e with
+   G = scale² Σ_h (W_q,hᵀ E[k_h k_hᵀ] W_q,h + W_k,hᵀ E[q_h q_hᵀ] W_k,h)   (D × D, from the teacher and the data).
+   With qk-norm, q and k are the normed ones and W is scaled by the norm's gain over the mean pre-norm spread.
+2. The basis. y = (x − μ) G^½ makes that error isotropic; the eigenvectors U of y's covariance (a Karhunen–Loève
+   transform) decorrelate it. The stored coefficients are z = (x − μ) T with T = G^½ U, and x = μ + z T⁻¹.
+3. One uniform step for every coefficient of every layer: in this domain equal steps mean equal logit error, which
+   is what minimises it for a given entropy; the many low-variance coefficients round to 0 and cost almost nothing
+   once blosc's bit shuffle and zstd have seen them (the codes are stored coefficient-major, (L, D, N)).
+
+The basis (μ and T⁻¹ per layer, `inputs_basis.safetensors`) is fitted once per cache, at extraction, on `fit` views
+spread over the cache's records, and stored beside the projections; decoding folds it into the projections
+(W' = W T⁻ᵀ, b' = b + W μ), so it costs what `inputs` costs. The basis holds first and second moments of the
+teacher's features on those views: it reveals a little about the data (docs/sharing.md).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import AttncacheError, CacheFormatError
+from ..teacher.projections import canonical_safetensors
+from .base import Codec, FieldSpec, blosc, register_codec
+
+BASIS_FILE = "inputs_basis.safetensors"
+MAX_CODE = 2 ** 31 - 1
+# G is estimated from a few thousand tokens: a direction they hardly span would get almost no precision, and matter
+# on other views. A floor of RIDGE x the mean eigenvalue keeps every direction coded (and G^½ invertible).
+RIDGE = 1e-2
+
+
+@register_codec
+class InputsKLTCodec(Codec):
+    name = "inputs_klt"
+    payloads = ("inputs",)
+    needs_projections = True
+    needs_basis = True
+
+    def __init__(self, step: float = 0.02, fit: int = 64):
+        step, fit = float(step), int(fit)
+        if not 1e-4 <= step <= 10:
+            raise ValueError("step must be in [1e-4, 10] (logit-error units; 0.02 is about KL 7e-4 on DINOv2-S)")
+        if not 1 <= fit <= 4096:
+            raise ValueError("fit (calibration views) must be in 1..4096")
+        super().__init__(step=step, fit=fit)
+        self.projections, self.basis = None, None
+        self._on: dict[str, object] = {}
+
+    def decodes_to(self, payload: str) -> str:
+        return "logits"
+
+    def fields(self, shape):
+        return {"z": FieldSpec((shape.layers, shape.heads * shape.head_dim, shape.tokens), "int32")}
+
+    def compressor(self) -> dict:
+        return blosc(shuffle=2, typesize=4)  # bit shuffle: the zero high bits of small codes compress to nothing
+
+    def bind(self, projections) -> None:
+        self.projections, self._on = projections, {}
+
+    def bind_basis(self, basis: Basis) -> None:
+        self.basis, self._on = basis, {}
+
+    def encode(self, captured, payload):
+        if self.basis is None:
+            raise RuntimeError("codec inputs_klt: encode needs the fitted basis (extraction binds it)")
+        x = captured.float()  # (B, L, N, D); float32 is exact enough: an error of 1e-7·|z| against a step of 1e-3
+        mean, encode = self.basis.mean.to(x.device), self.basis.encode.to(x.device)
+        z = torch.einsum("blnd,lde->blne", x - mean[None, :, None, :], encode) / self.params["step"]
+        if not z.isfinite().all() or z.abs().max() >= MAX_CODE:
+            raise AttncacheError("codec inputs_klt: a coefficient is not finite or out of int32 range (choose a "
+                                 "larger step)")
+        return {"z": torch.round(z).to(torch.int32).transpose(-1, -2).contiguous().cpu().numpy()}
+
+    def _projections_on(self, device: torch.device):
+        """The projections with the basis folded in (float64 once, then float32 on `device`)."""
+        key = str(device)
+        if key not in self._on:
+            if self.projections is None or self.basis is None:
+                raise RuntimeError("codec inputs_klt: decode needs the projections and the basis (Cache binds them)")
+            p, b = self.projections, self.basis
+            w = p.weight.double()  # (L, 2D, D)
+            folded = type(p)((w @ b.decode.double().transpose(-1, -2)).float(),
+                             (p.bias.double() + torch.einsum("led,ld->le", w, b.mean.double())).float(),
+                             p.norm, p.eps, p.heads)
+            self._on[key] = folded.to(device)
+        return self._on[key]
+
+    def decode(self, fields):
+        z = fields["z"].float().transpose(-1, -2) * self.params["step"]  # (B, L, N, D)
+        return self._projections_on(z.device).logits(z)
+
+
+class Basis:
+    """Per captured layer: the mean μ (L, D) and T⁻¹ (L, D, D) as stored (float32); T = (T⁻¹)⁻¹ for encoding (inverted
+    in float64, kept in float32)."""
+
+    def __init__(self, mean: torch.Tensor, decode: torch.Tensor):
+        self.mean, self.decode = mean, decode
+        self.encode = _inverse(decode).float()  # from the stored bytes: the same T on every resume
+
+
+def _inverse(decode: torch.Tensor) -> torch.Tensor:
+    """T = (T⁻¹)⁻¹ per layer in float64, through numpy's LAPACK (torch's batched float64 inverse fails on some MKL
+    builds with several threads); a singular or ill-conditioned layer is a ValueError."""
+    import numpy as np
+
+    out = []
+    for i, m in enumerate(decode.double().numpy()):
+        if not np.isfinite(m).all() or np.linalg.cond(m) > 1e12:
+            raise ValueError(f"layer {i}'s basis is singular or ill-conditioned")
+        out.append(np.linalg.inv(m))
+    return torch.from_numpy(np.stack(out))
+
+
+def fit_basis(x: torch.Tensor, projections) -> Basis:
+    """The basis of `x` (V, L, N, D) calibration inputs, in the logit metric of `projections` (float64)."""
+    views, layers, tokens, dim = x.shape
+    heads, d = projections.heads, dim // projections.heads
+    means, decodes = [], []
+    for i in range(layers):
+        xs = x[:, i].reshape(-1, dim).double()
+        w, bias = projections.weight[i].double(), projections.bias[i].double()
+        qk = (xs @ w.T + bias).reshape(len(xs), 2, heads, d)
+        gain = torch.ones(2, heads, d, dtype=torch.float64)
+        if projections.norm is not None:  # the normed q/k, and W scaled by the norm's gain over the pre-norm spread
+            norm = projections.norm[i].double()
+            spread = (qk.var(-1, unbiased=False) + projections.eps).sqrt().mean(0)  # (2, H)
+            gain = torch.stack([norm[0], norm[2]])[:, None, :] / spread[..., None]
+            qk = torch.nn.functional.layer_norm(qk, (d,), eps=projections.eps)
+            qk = qk * torch.stack([norm[0], norm[2]])[None, :, None, :] + torch.stack([norm[1], norm[3]])[None, :,
+                                                                                                         None, :]
+        metric = torch.zeros(dim, dim, dtype=torch.float64)
+        for h in range(heads):
+            wq = w[h * d:(h + 1) * d] * gain[0, h, :, None]
+            wk = w[dim + h * d:dim + (h + 1) * d] * gain[1, h, :, None]
+            q, k = qk[:, 0, h], qk[:, 1, h]
+            metric += wq.T @ (k.T @ k / len(k)) @ wq + wk.T @ (q.T @ q / len(q)) @ wk
+        metric *= d ** -1.0  # scale² = 1/d
+        evals, evecs = torch.linalg.eigh(metric)
+        evals = evals.clamp_min(0) + RIDGE * evals.clamp_min(0).mean()
+        root, root_inv = (evecs * evals.sqrt()) @ evecs.T, (evecs * evals.rsqrt()) @ evecs.T
+        mean = xs.mean(0)
+        y = (xs - mean) @ root
+        rotation = torch.linalg.eigh(y.T @ y / len(y))[1].flip(-1)  # descending variance
+        means.append(mean.float())
+        decodes.append((rotation.T @ root_inv).float())
+    return Basis(torch.stack(means).contiguous(), torch.stack(decodes).contiguous())
+
+
+def basis_bytes(basis: Basis) -> bytes:
+    from safetensors.torch import save
+
+    tensors = {}
+    for i in range(len(basis.mean)):
+        tensors[f"{i}.mean"], tensors[f"{i}.decode"] = basis.mean[i].contiguous(), basis.decode[i].contiguous()
+    return canonical_safetensors(save(tensors, metadata={"format": "attncache inputs_klt basis"}))
+
+
+def load_basis(data: bytes, layers: int, dim: int, where: str) -> Basis:
+    """Parse and check the file's bytes against the manifest's geometry (safetensors: no pickle)."""
+    from safetensors.torch import load
+
+    try:
+        tensors = load(data)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise CacheFormatError(f"{where}: not a valid safetensors file ({' '.join(str(exc).split())[:200]})") from exc
+    expected = {f"{i}.{name}" for i in range(layers) for name in ("mean", "decode")}
+    if set(tensors) != expected:
+        raise CacheFormatError(f"{where}: tensors {sorted(set(tensors) ^ expected)[:4]} do not match the "
+                               "manifest's layers")
+    for name, t in tensors.items():
+        want = (dim,) if name.endswith(".mean") else (dim, dim)
+        if tuple(t.shape) != want or t.dtype != torch.float32 or not t.isfinite().all():
+            raise CacheFormatError(f"{where}: tensor {name} must be finite float32 of shape {want}")
+    try:
+        return Basis(torch.stack([tensors[f"{i}.mean"] for i in range(layers)]),
+                     torch.stack([tensors[f"{i}.decode"] for i in range(layers)]))
+    except ValueError as exc:
+        raise CacheFormatError(f"{where}: {exc}") from exc
