@@ -7,6 +7,7 @@ so the same code runs alone or distributed.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -43,6 +44,10 @@ class World:
                 dist.init_process_group(backend)
             except (RuntimeError, ValueError) as exc:
                 raise AttncacheError(f"cannot join the torchrun process group ({backend}): {exc}") from exc
+            # Leave the group before the interpreter tears down: a group still alive at exit let gloo's threads
+            # be destroyed joinable, and a rank that finished first aborted ("terminate called without an active
+            # exception", SIGABRT), failing the whole torchrun job after its work was done.
+            atexit.register(_leave_group)
         return cls(rank, size, local_rank)
 
     def device(self, device: torch.device) -> torch.device:
@@ -85,3 +90,10 @@ class World:
         out = [None] * self.size
         dist.all_gather_object(out, obj)
         return out
+
+
+def _leave_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

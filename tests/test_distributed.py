@@ -96,7 +96,9 @@ def _markers(out: Path) -> int:
 def _kill_group_at_random_points(cmd: list[str], out: Path, kills: int, seed: int) -> list[int]:
     """Start `cmd` in its own process group and SIGKILL the whole group at a random point of its work, `kills`
     times (each start resumes what the previous one left): once the run has made 0-1 more shards durable than it
-    found, plus 0-30 ms (so some kills land inside a shard write). Returns the durable shards after each kill."""
+    found, plus 0-30 ms (so some kills land inside a shard write). Returns the durable shards after each kill.
+    On a quiet machine a run writes these tiny shards in milliseconds and may finish the cache before the last
+    kills: then the loop ends there (the caller asserts that enough kills landed mid-extraction)."""
     rng = random.Random(seed)
     seen = []
     for _ in range(kills):
@@ -106,9 +108,11 @@ def _kill_group_at_random_points(cmd: list[str], out: Path, kills: int, seed: in
         deadline = time.monotonic() + 240
         while proc.poll() is None and time.monotonic() < deadline and not (
                 (out / ".progress" / "plan.json").is_file() and _markers(out) >= target):
-            time.sleep(0.01)
+            time.sleep(0.002)
         time.sleep(rng.uniform(0.0, 0.03))
-        assert proc.poll() is None, "the run finished before it could be killed"
+        if proc.poll() is not None:  # it finished first: a complete cache, nothing left to interrupt
+            assert proc.returncode == 0 and (out / "manifest.json").is_file()
+            break
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         seen.append(_markers(out))
@@ -220,7 +224,9 @@ def test_sigkill_of_a_ddp_run_at_random_steps_resumes_to_identical_weights(tmp_p
                 (out / "metrics.jsonl").exists() and len(_losses(out)) >= target):
             time.sleep(0.01)
         time.sleep(rng.uniform(0.0, 0.05))
-        assert p.poll() is None, "the run finished before it could be killed"
+        if p.poll() is not None:  # it finished first (a quiet machine): the first kill is asserted mid-run below
+            assert p.returncode == 0
+            break
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
         killed_at.append(len(_losses(out)))
