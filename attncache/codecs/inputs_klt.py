@@ -27,7 +27,6 @@ from ..errors import AttncacheError, CacheFormatError
 from ..teacher.projections import canonical_safetensors
 from .base import Codec, FieldSpec, blosc, register_codec
 
-BASIS_FILE = "inputs_basis.safetensors"
 MAX_CODE = 2 ** 31 - 1
 # G is estimated from a few thousand tokens: a direction they hardly span would get almost no precision, and matter
 # on other views. A floor of RIDGE x the mean eigenvalue keeps every direction coded (and G^½ invertible).
@@ -129,12 +128,12 @@ def fit_basis(x: torch.Tensor, projections) -> Basis:
         qk = (xs @ w.T + bias).reshape(len(xs), 2, heads, d)
         gain = torch.ones(2, heads, d, dtype=torch.float64)
         if projections.norm is not None:  # the normed q/k, and W scaled by the norm's gain over the pre-norm spread
-            norm = projections.norm[i].double()
+            norm = projections.norm[i].double()  # q weight, q bias, k weight, k bias
+            norm_weight, norm_bias = norm[[0, 2]], norm[[1, 3]]  # (2, d): q then k
             spread = (qk.var(-1, unbiased=False) + projections.eps).sqrt().mean(0)  # (2, H)
-            gain = torch.stack([norm[0], norm[2]])[:, None, :] / spread[..., None]
+            gain = norm_weight[:, None, :] / spread[..., None]
             qk = torch.nn.functional.layer_norm(qk, (d,), eps=projections.eps)
-            qk = qk * torch.stack([norm[0], norm[2]])[None, :, None, :] + torch.stack([norm[1], norm[3]])[None, :,
-                                                                                                         None, :]
+            qk = qk * norm_weight[:, None] + norm_bias[:, None]
         metric = torch.zeros(dim, dim, dtype=torch.float64)
         for h in range(heads):
             wq = w[h * d:(h + 1) * d] * gain[0, h, :, None]
