@@ -312,22 +312,27 @@ def test_inputs_codec_decodes_to_timm_attention(inputs_teachers, image_folder, t
     assert row_kl(probs, uniform).mean() > 50 * max(max_kl, 1e-4)  # the bound can tell real maps from flat ones
 
 
+def _copy_student_trains_from(teacher, codec: str, image_folder, tmp_path):
+    """Train and val caches of `codec`, then a copy student through 2 loader workers (which reopen the cache, and
+    so must get whatever decoding needs from its files); returns the train cache."""
+    from attncache.train import train
+
+    out, val = tmp_path / "c", tmp_path / "v"
+    extract(teacher.config(image_folder, out, views=2, codec=codec, records_per_shard=5))
+    extract(teacher.config(image_folder, val, split="val", codec=codec))
+    cfg = TrainConfig(mode="copy", out=str(tmp_path / "run"), cache=str(out), data=str(image_folder),
+                      val_cache=str(val), val_data=str(image_folder), epochs=1, batch_size=2, workers=2,
+                      progress=False, log_every=1, lr=1e-3, warmup_epochs=0.5)
+    assert train(cfg)["steps"] == 3  # 6 images, one view per epoch, batches of 2
+    return out
+
+
 def test_inputs_cache_trains_and_its_projections_file_is_checked(inputs_teachers, image_folder, tmp_path):
     """A copy student trains from an `inputs` cache through loader workers (the projections travel with the
     reopened cache); a damaged or forged projections file is a one-line error before any record is decoded."""
     from safetensors.torch import load, save
 
-    teacher = inputs_teachers["plain"]
-    out = tmp_path / "c"
-    extract(teacher.config(image_folder, out, views=2, codec="inputs", records_per_shard=5))
-    val = tmp_path / "v"
-    extract(teacher.config(image_folder, val, split="val", codec="inputs"))
-    cfg = TrainConfig(mode="copy", out=str(tmp_path / "run"), cache=str(out), data=str(image_folder),
-                      val_cache=str(val), val_data=str(image_folder), epochs=1, batch_size=2, workers=2,
-                      progress=False, log_every=1, lr=1e-3, warmup_epochs=0.5)
-    from attncache.train import train
-
-    assert train(cfg)["steps"] == 3  # 6 images, one view per epoch, batches of 2
+    out = _copy_student_trains_from(inputs_teachers["plain"], "inputs", image_folder, tmp_path)
     path = out / "teacher_qk.safetensors"
     original = path.read_bytes()
     data = bytearray(original)
@@ -445,16 +450,7 @@ def test_inputs_klt_cache_trains_and_its_basis_file_is_checked(inputs_teachers, 
     cache); a damaged basis, a forged one that agrees with the manifest, or none at all is a one-line error."""
     from safetensors.torch import load, save
 
-    from attncache.train import train
-
-    teacher = inputs_teachers["qk_norm"]
-    out, val = tmp_path / "c", tmp_path / "v"
-    extract(teacher.config(image_folder, out, views=2, codec="inputs_klt", records_per_shard=5))
-    extract(teacher.config(image_folder, val, split="val", codec="inputs_klt"))
-    cfg = TrainConfig(mode="copy", out=str(tmp_path / "run"), cache=str(out), data=str(image_folder),
-                      val_cache=str(val), val_data=str(image_folder), epochs=1, batch_size=2, workers=2,
-                      progress=False, log_every=1, lr=1e-3, warmup_epochs=0.5)
-    assert train(cfg)["steps"] == 3
+    out = _copy_student_trains_from(inputs_teachers["qk_norm"], "inputs_klt", image_folder, tmp_path)
     path = out / "inputs_basis.safetensors"
     original = path.read_bytes()
     data = bytearray(original)

@@ -293,9 +293,8 @@ def _device_name(device: torch.device) -> str:
 DEFAULT_BENCH_CODECS = ("fp16", "qk", "qk:bits=8", "lowrank:rank=48", "lowrank", "lowrank:rank=32,bits=6",
                         "lowrank:rank=24,bits=6", "sqrtq:bits=8", "sqrtq", "sqrtq:bits=5", "logq:bits=8", "logq",
                         "logq:bits=5", "inputs:bits=16", "inputs", "inputs:bits=7", "inputs:bits=6",
-                        "inputs:bits=5", "inputs:bits=4", "inputs_klt:step=0.005", "inputs_klt:step=0.01", "inputs_klt",
-                        "inputs_klt:step=0.03", "inputs_klt:step=0.05",
-                        "inputs_klt:step=0.07", "cls")
+                        "inputs:bits=5", "inputs:bits=4", "inputs_klt:step=0.005", "inputs_klt:step=0.01",
+                        "inputs_klt", "inputs_klt:step=0.03", "inputs_klt:step=0.05", "inputs_klt:step=0.07", "cls")
 
 
 @dataclass
