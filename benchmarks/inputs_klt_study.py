@@ -4,7 +4,7 @@ attention inputs smaller. Real DINOv2-S/14 at 224 px; the first half of the phot
 
 Studies (each prints a markdown table):
 - `metric`: the codec's basis (codecs/inputs_klt.py, `fit_basis`) against the same KLT without the metric (plain PCA
-  of x), one uniform step, int32 codes coefficient-major under blosc-zstd + bit shuffle, as the codec stores them;
+  of x), one uniform step, zigzag codes coefficient-major under blosc-zstd + bit shuffle, as the codec stores them;
 - `allocation`: how much a per-layer choice of bits (greedy, to a mean-KL target) would give the `inputs` codec;
 - `svd`: a per-view rank-r truncation of each layer's x (what rank the logits need);
 - `prediction`: how much of x a neighbouring patch predicts (the coding gain spatial DPCM could give).
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inputs_variants import logits_of, quantise, row_kl, stored, teacher_and_photos  # noqa: E402
 
 from attncache.codecs.inputs import hadamard  # noqa: E402
-from attncache.codecs.inputs_klt import fit_basis  # noqa: E402
+from attncache.codecs.inputs_klt import fit_basis, zigzag  # noqa: E402
 from attncache.teacher.projections import from_model  # noqa: E402
 
 BITSHUFFLE = numcodecs.Blosc(cname="zstd", clevel=1, shuffle=numcodecs.Blosc.BITSHUFFLE, blocksize=1 << 20)
@@ -69,7 +69,7 @@ def study_metric(model, x, fit, held, raw):
                 mean, enc, dec = basis[i]
                 codes = torch.round((x[held, i] - mean) @ enc / step)
                 kls.append(row_kl(logits_of(b.attn, x[held, i]), logits_of(b.attn, mean + (codes * step) @ dec)))
-                c = codes.to(torch.int32).transpose(-1, -2).contiguous().numpy()
+                c = zigzag(codes.to(torch.int32)).transpose(-1, -2).contiguous().numpy()
                 nbytes += sum(len(BITSHUFFLE.encode(np.ascontiguousarray(v))) for v in c)
             print(f"| {name} | {step} | {raw * len(blocks) * len(range(*held.indices(len(x)))) / nbytes:.2f}x | "
                   f"{kl_summary(kls)} |", flush=True)

@@ -64,6 +64,10 @@ def test_bench_extract_figures_relate_as_documented(tmp_path, tiny_teacher):
     assert r["serial_views_per_s"] <= r["bound_views_per_s"]
     assert r["efficiency"] == pytest.approx(r["extract_views_per_s"] / r["bound_views_per_s"], abs=2e-3)
     assert r["ratio_vs_raw_fp16"] > 0 and r["capture_vs_plain_inference"] > 0
+    # inference over the source also reads, decodes and renders every view: never faster than on ready pixels
+    assert 0 < r["inference_from_source_views_per_s"] <= 1.2 * r["teacher_views_per_s"]
+    assert r["extract_vs_inference_from_source"] == pytest.approx(
+        r["extract_views_per_s"] / r["inference_from_source_views_per_s"], rel=2e-2)
 
 
 def test_bench_directories_never_delete_what_a_user_wrote(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -410,6 +411,62 @@ def test_inputs_klt_decodes_to_timm_attention_on_views_it_was_not_fitted_on(inpu
     assert kl.mean() <= max_kl, (kl.mean(), max_kl)
     uniform = torch.full_like(probs, 1 / probs.shape[-1])
     assert row_kl(probs, uniform).mean() > 50 * max_kl
+
+
+def test_inputs_klt_stores_zigzag_codes_of_the_plain_formula(inputs_teachers, image_folder, tmp_path):
+    """The stored uint32 codes are zigzag(round((x − μ) T / step)) of the captured inputs, coefficient-major (the
+    formula docs/format.md gives, computed here in float64 from timm's own norm1 outputs); zigzag is a bijection on
+    the whole code range, and a coefficient beyond it is refused."""
+    from attncache.codecs.inputs_klt import MAX_CODE, unzigzag, zigzag
+
+    codes = torch.tensor([0, -1, 1, -2, 2, 1234, -1234, MAX_CODE, -MAX_CODE], dtype=torch.int32)
+    assert zigzag(codes).tolist()[:5] == [0, 1, 2, 3, 4] and (zigzag(codes) >= 0).all()
+    assert torch.equal(unzigzag(zigzag(codes)), codes)
+
+    teacher = inputs_teachers["plain"]
+    out = tmp_path / "cache"
+    extract(teacher.config(image_folder, out, views=1, codec="inputs_klt", codec_params={"step": 0.01, "fit": 3}))
+    cache = open_cache(str(out))
+    assert cache.manifest["codec"]["fields"]["z"]["dtype"] == "uint32"
+    stored = torch.from_numpy(cache.reader.read(list(range(len(cache))))["z"].view(np.int32))
+    model = teacher.timm_model()
+    inputs = []
+    hooks = [b.norm1.register_forward_hook(lambda m, i, o: inputs.append(o.detach().double())) for b in model.blocks]
+    x = torch.stack([render_sample((image_folder / cache.samples[r]["key"]).read_bytes(), cache.views[r],
+                                   cache.teacher) for r in range(len(cache))])
+    with torch.no_grad():
+        model.forward_features(x)
+    for h in hooks:
+        h.remove()
+    basis, step = cache.codec.basis, cache.codec.params["step"]
+    for i, layer in enumerate(cache.layers):
+        z = (inputs[layer] - basis.mean[i].double()) @ basis.encode[i].double() / step
+        expected = zigzag(torch.round(z).to(torch.int32)).transpose(-1, -2)
+        # float32 encoding rounds a value within ~1e-4 of a half-step the other way: allow those, and only those
+        differ = stored[:, i] != expected
+        assert differ.float().mean() < 1e-3 and ((z.transpose(-1, -2) % 1 - 0.5).abs()[differ] < 1e-3).all()
+    assert (unzigzag(stored) < 0).any() and (unzigzag(stored) > 0).any()
+    with pytest.raises(AttncacheError, match="beyond ±2\\^30 steps"):
+        cache.codec.encode(torch.full((1, len(cache.layers), 17, 64), 1e12), "inputs")
+
+
+def test_inputs_klt_caches_with_twos_complement_codes_still_read(tmp_path):
+    """tests/data/inputs_klt_int32: a demo-teacher cache written before codes were zigzag-mapped (int32, two's
+    complement), and the logits that version decoded from it; reading it as zigzag would give other numbers."""
+    import shutil
+
+    from attncache.tools.verify import verify_cache
+
+    data = Path(__file__).parent / "data" / "inputs_klt_int32"
+    root = Path(shutil.copytree(data / "zarr", tmp_path / "zarr"))
+    cache = open_cache(str(root))
+    assert cache.manifest["codec"]["fields"]["z"]["dtype"] == "int32"
+    expected = torch.from_numpy(np.load(data / "logits.npy"))
+    got = cache.read_rows(list(range(len(cache))))
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6), (got - expected).abs().max()
+    z = cache.reader.read([0])["z"]
+    assert z.dtype == np.int32 and (z < 0).any()  # negative codes: the case where the two layouts differ
+    assert verify_cache(str(root))["files"] > 0
 
 
 def test_inputs_klt_resume_reuses_the_recorded_basis(inputs_teachers, image_folder, tmp_path, monkeypatch):

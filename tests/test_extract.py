@@ -507,3 +507,37 @@ def test_embedded_images_are_found_without_rescanning_the_shard(folder_fp16_wds,
     images = cache.reader.read_images(list(range(12)))
     assert len(opened) == 3  # one index per shard (3 shards), whatever the number of rows read
     assert [hashlib.sha256(b).hexdigest() for b in images] == [cache.sample(r)["sha256"] for r in range(12)]
+
+
+def test_shard_compression_leaves_a_cpu_teacher_its_cores(monkeypatch, tiny_teacher, image_folder, tmp_path):
+    """The writer compresses on the cores the teacher leaves free: a CPU teacher keeps its torch threads' cores
+    (a pool beside them only slows it), an accelerator leaves every core but the render workers'. An extraction on
+    a CPU whose cores the teacher fills compresses in the writer thread alone, and writes the same bytes."""
+    import os
+
+    from attncache.extract import pipeline
+    from attncache.store import base
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 6)
+    assert pipeline.writer_threads(torch.device("cpu"), 2) == 2
+    assert pipeline.writer_threads(torch.device("cuda"), 2) == 5
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert pipeline.writer_threads(torch.device("cpu"), 2) == 1
+    monkeypatch.undo()
+
+    monkeypatch.setattr(base, "POOL_MIN_BYTES", 0)
+    pooled = []
+    real_pool = base.codec_pool
+    monkeypatch.setattr(base, "codec_pool", lambda threads: pooled.append(threads) or real_pool(threads))
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: cores)  # the teacher fills every core
+    extract(tiny_teacher.config(image_folder, tmp_path / "full", views=2, records_per_shard=5))
+    assert pooled == []
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 0)  # as if every core were free (an accelerator)
+    extract(tiny_teacher.config(image_folder, tmp_path / "free", views=2, records_per_shard=5))
+    assert pooled and set(pooled) == {max(1, cores)} or cores < 2
+    shards = [f["path"] for s in open_cache(str(tmp_path / "full")).manifest["store"]["shards"] for f in s["files"]]
+    assert len(shards) == 3
+    for rel in shards:
+        assert (tmp_path / "full" / rel).read_bytes() == (tmp_path / "free" / rel).read_bytes()

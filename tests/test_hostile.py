@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from attncache import AttncacheError, CacheFormatError, open_cache
+from attncache.store import base as store_base
 from attncache.store.format import seal
 from attncache.tools.verify import verify_cache
 
@@ -66,8 +67,17 @@ def _chunk_spans(root: Path) -> dict[str, list[tuple[int, int]]]:
     return spans
 
 
+@pytest.fixture(params=["inline", "pool"])
+def decode_on(request, monkeypatch):
+    """Chunks decode in the reading thread, or (any size) on the reader's decode pool."""
+    if request.param == "pool":
+        monkeypatch.setattr(store_base, "POOL_MIN_BYTES", 0)
+        monkeypatch.setattr(store_base, "default_codec_threads", lambda: 3)
+    return request.param
+
+
 @pytest.mark.parametrize("fmt", ["zarr", "wds"])
-def test_flipped_bytes_at_random_offsets_are_detected_on_the_read_path(request, fmt):
+def test_flipped_bytes_at_random_offsets_are_detected_on_the_read_path(request, fmt, decode_on):
     root = request.getfixturevalue(f"{fmt}_copy")
     good = _everything(root)
     spans = _chunk_spans(root)
@@ -104,7 +114,7 @@ def test_flipped_bytes_at_random_offsets_are_detected_on_the_read_path(request, 
         verify_cache(str(root), quick=True)
 
 
-def test_flipped_byte_error_names_the_record(zarr_copy, wds_copy):
+def test_flipped_byte_error_names_the_record(zarr_copy, decode_on):
     shard = zarr_copy / "maps/c/1/0/0/0/0"
     data = bytearray(shard.read_bytes())
     data[40] ^= 0x01  # inside record 5's chunk (the first of shard 1)
@@ -112,6 +122,16 @@ def test_flipped_byte_error_names_the_record(zarr_copy, wds_copy):
     with pytest.raises(CacheFormatError, match=r"maps/c/1/0/0/0/0 record 5: checksum mismatch"):
         open_cache(str(zarr_copy)).read_rows([5])
     assert open_cache(str(zarr_copy)).read_rows([0, 4]).shape[0] == 2  # the other shards still read
+    # in a batch, among good chunks before and after it; with a second damaged record, the one read first (the
+    # batch's shards in order, each by offset) is named, whichever thread finished first
+    with pytest.raises(CacheFormatError, match=r"record 5: checksum mismatch"):
+        open_cache(str(zarr_copy)).read_rows([0, 1, 5, 6, 2])
+    data = bytearray((zarr_copy / "maps/c/0/0/0/0/0").read_bytes())
+    data[40] ^= 0x01  # record 0's chunk
+    (zarr_copy / "maps/c/0/0/0/0/0").write_bytes(bytes(data))
+    for rows, named in (([6, 5, 7, 0], 5), ([1, 0, 6, 5], 0)):
+        with pytest.raises(CacheFormatError, match=rf"record {named}: checksum mismatch"):
+            open_cache(str(zarr_copy)).read_rows(rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import tarfile
+import threading
 from pathlib import Path
 
 import numcodecs
@@ -192,3 +193,66 @@ def test_caches_written_by_attncache_0_2_still_read(tmp_path):
         assert verify_cache(str(root), quick=True)["chunks_checked"] == 0  # version 1 has none to check
         copy_cache(str(root), str(tmp_path / f"{fmt}_copy"))  # copied as it is, still version 1
         assert (tmp_path / f"{fmt}_copy" / "manifest.json").read_bytes() == (root / "manifest.json").read_bytes()
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "wds"])
+def test_pooled_decoding_reads_the_same_numbers(monkeypatch, folder_fp16_zarr, folder_fp16_wds, fmt):
+    """Chunks decoded on the reader's thread pool, straight into the batch's array, are the ones the reading
+    thread decodes, for runs, random batches, repeats and single rows; and the pool is really used."""
+    from attncache.store import base
+
+    root = {"zarr": folder_fp16_zarr, "wds": folder_fp16_wds}[fmt]
+    inline = open_cache(str(root))
+    inline.reader.read_threads = 1
+    batches = [list(range(12)), [11, 3, 7, 0, 5], [4, 4, 9], [6]]
+    expected = [inline.read_rows(rows) for rows in batches]
+    monkeypatch.setattr(base, "POOL_MIN_BYTES", 0)
+    pooled = open_cache(str(root))
+    pooled.reader.read_threads = 3
+    threads = set()
+    decode = pooled.reader.decode_chunk
+
+    def spy(*args):
+        threads.add(threading.current_thread().name)
+        return decode(*args)
+
+    monkeypatch.setattr(pooled.reader, "decode_chunk", spy)
+    for rows, maps in zip(batches, expected, strict=True):
+        assert torch.equal(pooled.read_rows(rows), maps)
+    assert any(name.startswith("attncache-codec") for name in threads)
+    assert maps.abs().sum() > 0 and not torch.equal(expected[0][0], expected[0][1])  # real, distinct maps
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_zarr_shards_are_the_bytes_zarr_itself_writes(monkeypatch, tmp_path, folder_fp16_zarr, pooled):
+    """attncache writes zarr shards itself (records compressed in parallel, one file per shard and field): for the
+    same records, every shard file is byte for byte what zarr's own array writer makes from the same metadata,
+    short last shard included, whether or not the records compressed on the pool."""
+    from attncache.store import WRITERS, base
+    from attncache.store.zarr_store import _create_arrays
+
+    if pooled:
+        monkeypatch.setattr(base, "POOL_MIN_BYTES", 0)
+        monkeypatch.setattr(base, "default_codec_threads", lambda: 3)
+    cache = open_cache(str(folder_fp16_zarr))
+    m = cache.manifest
+    fields = cache.reader.read(list(range(len(cache))))
+    ours = tmp_path / "ours"
+    writer = WRITERS["zarr"](ours, cache.reader.fields, m["codec"]["compressor"], len(cache),
+                             m["store"]["records_per_shard"])
+    per_shard = m["store"]["records_per_shard"]
+    for shard in range(len(m["store"]["shards"])):
+        rows = slice(shard * per_shard, min(len(cache), (shard + 1) * per_shard))
+        writer.write_shard(shard, {k: v[rows] for k, v in fields.items()}, [{}] * (rows.stop - rows.start))
+    theirs = tmp_path / "theirs"
+    arrays = _create_arrays(zarr.storage.LocalStore(theirs), m["codec"]["fields"], m["codec"]["compressor"],
+                            len(cache), per_shard, True)
+    for name, values in fields.items():
+        arrays[name][:] = values
+    files = sorted(str(p.relative_to(theirs)) for p in theirs.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(ours)) for p in ours.rglob("*") if p.is_file())
+    assert len([f for f in files if "/c/" in f]) == len(m["store"]["shards"]) == 3
+    for f in files:
+        assert (ours / f).read_bytes() == (theirs / f).read_bytes(), f
+        if "/c/" in f:  # and the cache's own shards, written by the extraction, are these bytes too
+            assert (ours / f).read_bytes() == (folder_fp16_zarr / f).read_bytes(), f

@@ -64,6 +64,10 @@ class Codec:
         """Stored fields per record."""
         raise NotImplementedError
 
+    def readable_fields(self, shape: CaptureShape) -> list[dict[str, FieldSpec]]:
+        """Every field layout this codec decodes: what it writes now, first, then older layouts it still reads."""
+        return [self.fields(shape)]
+
     def compressor(self) -> dict:
         """numcodecs compressor config applied to each record's field bytes (JSON, recorded in the manifest)."""
         raise NotImplementedError

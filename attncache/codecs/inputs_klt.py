@@ -12,6 +12,10 @@ training device with the teacher's q/k projections (`teacher_qk.safetensors`). W
 3. One uniform step for every coefficient of every layer: in this domain equal steps mean equal logit error, which
    is what minimises it for a given entropy; the many low-variance coefficients round to 0 and cost almost nothing
    once blosc's bit shuffle and zstd have seen them (the codes are stored coefficient-major, (L, D, N)).
+4. The codes are stored zigzag-mapped (0, −1, 1, −2, ... -> 0, 1, 2, 3, ...) as uint32: a small negative code in
+   two's complement sets every high bit, which bit shuffle then spreads over 31 noisy bit planes; zigzag leaves
+   them zero. 7-12 % smaller on DINOv2-S, within 5-7 % of the codes' per-coefficient order-0 entropy, so an
+   entropy coder would win little more. Caches written before hold two's-complement int32 codes, and still read.
 
 The basis (μ and T⁻¹ per layer, `inputs_basis.safetensors`) is fitted once per cache, at extraction, on `fit` views
 spread over the cache's records, and stored beside the projections; decoding folds it into the projections
@@ -21,13 +25,14 @@ teacher's features on those views: it reveals a little about the data (docs/shar
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..errors import AttncacheError, CacheFormatError
 from ..teacher.projections import canonical_safetensors
 from .base import Codec, FieldSpec, blosc, register_codec
 
-MAX_CODE = 2 ** 31 - 1
+MAX_CODE = 2 ** 30 - 1  # the largest |code|: its zigzag code fits in 31 bits, so an int32 view is non-negative
 # G is estimated from a few thousand tokens: a direction they hardly span would get almost no precision, and matter
 # on other views. A floor of RIDGE x the mean eigenvalue keeps every direction coded (and G^½ invertible).
 RIDGE = 1e-2
@@ -54,7 +59,11 @@ class InputsKLTCodec(Codec):
         return "logits"
 
     def fields(self, shape):
-        return {"z": FieldSpec((shape.layers, shape.heads * shape.head_dim, shape.tokens), "int32")}
+        return {"z": FieldSpec((shape.layers, shape.heads * shape.head_dim, shape.tokens), "uint32")}
+
+    def readable_fields(self, shape):
+        twos_complement = {"z": FieldSpec((shape.layers, shape.heads * shape.head_dim, shape.tokens), "int32")}
+        return [self.fields(shape), twos_complement]  # the second: caches written before zigzag codes
 
     def compressor(self) -> dict:
         return blosc(shuffle=2, typesize=4)  # bit shuffle: the zero high bits of small codes compress to nothing
@@ -66,15 +75,26 @@ class InputsKLTCodec(Codec):
         self.basis, self._on = basis, {}
 
     def encode(self, captured, payload):
-        if self.basis is None:
-            raise RuntimeError("codec inputs_klt: encode needs the fitted basis (extraction binds it)")
         x = captured.float()  # (B, L, N, D); float32 is exact enough: an error of 1e-7·|z| against a step of 1e-3
-        mean, encode = self.basis.mean.to(x.device), self.basis.encode.to(x.device)
-        z = torch.einsum("blnd,lde->blne", x - mean[None, :, None, :], encode) / self.params["step"]
-        if not z.isfinite().all() or z.abs().max() >= MAX_CODE:
-            raise AttncacheError("codec inputs_klt: a coefficient is not finite or out of int32 range (choose a "
+        scaled_t, offset = self._encoder_on(x.device)
+        z = torch.matmul(scaled_t, x.transpose(-1, -2)).add_(offset)  # (B, L, D, N) = ((x − μ) T / step)ᵀ
+        low, high = torch.aminmax(z)  # NaN in, NaN out: the comparison below fails for it too
+        if not (-MAX_CODE < low.item() and high.item() < MAX_CODE):
+            raise AttncacheError("codec inputs_klt: a coefficient is not finite or beyond ±2^30 steps (choose a "
                                  "larger step)")
-        return {"z": torch.round(z).to(torch.int32).transpose(-1, -2).contiguous().cpu().numpy()}
+        return {"z": zigzag(z.round_().to(torch.int32)).cpu().numpy().view(np.uint32)}
+
+    def _encoder_on(self, device: torch.device):
+        """(Tᵀ / step (L, D, D), −(μ T)ᵀ / step (L, D, 1)) on `device`: one batched product per batch gives the
+        codes coefficient-major, as stored, with the mean and the step folded in."""
+        key = f"encode:{device}"
+        if key not in self._on:
+            if self.basis is None:
+                raise RuntimeError("codec inputs_klt: encode needs the fitted basis (extraction binds it)")
+            t = self.basis.encode.double() / self.params["step"]  # (L, D, D)
+            offset = -torch.einsum("ld,lde->le", self.basis.mean.double(), t)
+            self._on[key] = (t.transpose(-1, -2).float().contiguous().to(device), offset.float()[..., None].to(device))
+        return self._on[key]
 
     def _projections_on(self, device: torch.device):
         """The projections with the basis folded in (float64 once, then float32 on `device`)."""
@@ -91,8 +111,21 @@ class InputsKLTCodec(Codec):
         return self._on[key]
 
     def decode(self, fields):
-        z = fields["z"].float().transpose(-1, -2) * self.params["step"]  # (B, L, N, D)
+        z = fields["z"]
+        if z.dtype == torch.uint32:  # zigzag codes (int32: two's complement, as written before)
+            z = unzigzag(z.view(torch.int32))
+        z = z.float().transpose(-1, -2) * self.params["step"]  # (B, L, N, D)
         return self._projections_on(z.device).logits(z)
+
+
+def zigzag(z: torch.Tensor) -> torch.Tensor:
+    """int32 codes with |z| < 2^30 -> their zigzag codes 2|z| − (z < 0), still int32 and non-negative."""
+    return (z << 1) ^ (z >> 31)
+
+
+def unzigzag(u: torch.Tensor) -> torch.Tensor:
+    """The inverse of `zigzag`, on non-negative int32 (a uint32 field viewed as int32)."""
+    return (u >> 1) ^ -(u & 1)
 
 
 class Basis:
@@ -107,8 +140,6 @@ class Basis:
 def _inverse(decode: torch.Tensor) -> torch.Tensor:
     """T = (T⁻¹)⁻¹ per layer in float64, through numpy's LAPACK (torch's batched float64 inverse fails on some MKL
     builds with several threads); a singular or ill-conditioned layer is a ValueError."""
-    import numpy as np
-
     out = []
     for i, m in enumerate(decode.double().numpy()):
         if not np.isfinite(m).all() or np.linalg.cond(m) > 1e12:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import queue
 import threading
 import time
@@ -140,6 +141,15 @@ def capture_rows(work: Work, rows: list[int], capture: AttentionCapture, *, batc
     return torch.cat(out)
 
 
+def writer_threads(device: torch.device, render_workers: int) -> int:
+    """Threads that compress shards: the cores the teacher leaves free. A CPU teacher's torch threads need theirs
+    (more busy threads than cores stall its ops; on 2 cores a pool beside the teacher gained nothing end to end);
+    beside an accelerator, every core the render workers leave."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    busy = torch.get_num_threads() if device.type == "cpu" else render_workers + 1
+    return max(1, cores - busy)
+
+
 def run_pipeline(work: Work, pending: list[int], capture: AttentionCapture, codec: Codec, writer: StoreWriter, *,
                  batch_size: int, workers: int, device: torch.device, amp: bool, progress: bool,
                  on_shard: Callable[[int], None] | None = None) -> None:
@@ -148,6 +158,7 @@ def run_pipeline(work: Work, pending: list[int], capture: AttentionCapture, code
     n, per_shard, records = len(work.samples), work.per_shard, work.records
     shard_rows = {s: min(per_shard, records - s * per_shard) for s in pending}
     left = dict(shard_rows)  # rows of each shard not yet in a batch
+    writer.threads = writer_threads(device, workers)
     writer_thread = ShardWriterThread(writer, work.out, on_shard)
     writer_thread.start()
     buffers: dict[int, list] = {}

@@ -17,6 +17,8 @@ import io
 import json
 import tarfile
 
+import numpy as np
+
 from ..errors import CacheFormatError
 from ..files import atomic_write_bytes
 from .base import StoreReader, StoreWriter
@@ -42,12 +44,13 @@ class WdsWriter(StoreWriter):
     def write_shard(self, index, arrays, records, images=None):
         buf = io.BytesIO()
         first = index * self.records_per_shard
+        stored = {name: self.encode_records(arrays[name], spec) for name, spec in self.fields.items()}
         with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for j, meta in enumerate(records):
                 rid = record_id(first + j)
                 _add(tar, f"{rid}.json", json.dumps(meta, sort_keys=True).encode())
-                for name, spec in self.fields.items():
-                    _add(tar, f"{rid}.{name}", self.encode(arrays[name][j], spec))
+                for name in self.fields:
+                    _add(tar, f"{rid}.{name}", stored[name][j])
                 if images is not None:
                     data, ext = images[j]
                     _add(tar, f"{rid}.{ext}", data)
@@ -55,8 +58,8 @@ class WdsWriter(StoreWriter):
 
 
 class WdsReader(StoreReader):
-    def __init__(self, fs, manifest):
-        super().__init__(fs, manifest)
+    def __init__(self, fs, manifest, read_threads=None):
+        super().__init__(fs, manifest, read_threads)
         self._index: dict[int, dict[str, dict[str, tuple[int, int]]]] = {}
 
     def _shard_index(self, shard: int) -> dict[str, dict[str, tuple[int, int]]]:
@@ -101,16 +104,18 @@ class WdsReader(StoreReader):
         return self.fs.read_range(rel, offset, offset + size)
 
     def read(self, rows):
-        import numpy as np
-
+        rows = [int(r) for r in rows]
         out = {name: np.empty((len(rows), *spec.shape), spec.dtype) for name, spec in self.fields.items()}
-        for _, items in self.by_shard([int(r) for r in rows]).items():
+        self.decode_chunks(self._chunks_of(rows, out))
+        return out
+
+    def _chunks_of(self, rows: list[int], out: dict):
+        """(member bytes, spec, where, destination) for every field of `rows`, read lazily (see decode_chunks)."""
+        for _, items in self.by_shard(rows).items():
             for j, row in items:
                 for name, spec in self.fields.items():
-                    data = self._member(row, name, self.max_stored_bytes(spec))
                     where = f"{self.fs.where(wds_shard_name(row // self.records_per_shard))}:{record_id(row)}.{name}"
-                    out[name][j] = self.decode_chunk(data, spec, where)
-        return out
+                    yield self._member(row, name, self.max_stored_bytes(spec)), spec, where, out[name][j]
 
     def chunks(self):
         for shard in range(len(self.shard_files)):

@@ -9,8 +9,10 @@ as a user runs it: a fresh timm model, fused attention, no hooks.
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -61,15 +63,26 @@ def _best_rate(fn, n: int, repeats: int) -> float:
     return n / best
 
 
-def _rendered(source, spec, views: int) -> torch.Tensor:
-    """`views` training views of every image of `source`, rendered at the teacher's geometry."""
+def _view_renderer(source, spec, views: int):
+    """(jobs, render): one (image index, view) job per training view of every image of `source` (view-major, as a
+    cache stores them), and `render(job, image bytes)` -> that view's pixels at the teacher's geometry."""
     samples = source.scan()
     policy = ViewPolicy(views_per_image=views)
-    images = dict(source.iter_bytes(range(len(samples))))
-    return torch.stack([render(open_image(images[i], s.key), view, spec.image_size, spec.interpolation,
-                               spec.mean, spec.std)
-                        for v in range(views) for i, s in enumerate(samples)
-                        for view in [policy.draw(s.key, s.width, s.height, spec.image_size)[v]]])
+    drawn = [policy.draw(s.key, s.width, s.height, spec.image_size) for s in samples]
+
+    def one(job: tuple[int, int], data: bytes) -> torch.Tensor:
+        i, v = job
+        return render(open_image(data, samples[i].key), drawn[i][v], spec.image_size, spec.interpolation,
+                      spec.mean, spec.std)
+
+    return [(i, v) for v in range(views) for i in range(len(samples))], one
+
+
+def _rendered(source, spec, views: int) -> torch.Tensor:
+    """`views` training views of every image of `source`, rendered at the teacher's geometry."""
+    jobs, one = _view_renderer(source, spec, views)
+    images = dict(source.iter_bytes(range(len(jobs) // views)))
+    return torch.stack([one(job, images[job[0]]) for job in jobs])
 
 
 class BenchDir:
@@ -100,6 +113,20 @@ class BenchDir:
         atomic_write_json(self.out / self.marker, result)
 
 
+@torch.no_grad()
+def _inference_from_source(model, b: ExtractBench, spec, device: torch.device) -> None:
+    """Plain inference over the dataset as a user runs it: images read from the source, decoded and rendered by
+    `extract`'s number of threads, the never-hooked teacher's forward per batch; nothing captured or written."""
+    source = open_source(b.data, limit=b.limit)
+    jobs, one = _view_renderer(source, spec, b.views)
+    images = dict(source.iter_bytes(range(len(jobs) // b.views)))
+    with ThreadPoolExecutor(ExtractConfig.workers) as pool:
+        rendered = pool.map(lambda job: one(job, images[job[0]]), jobs)  # renders ahead while the teacher runs
+        while batch := list(itertools.islice(rendered, b.batch_size)):
+            model.forward_features(torch.stack(batch).to(device))
+    _sync(device)
+
+
 def bench_extract(b: ExtractBench) -> dict:
     device = parse_device(b.device)
     codec = get_codec(b.codec, **b.codec_params)
@@ -126,6 +153,7 @@ def bench_extract(b: ExtractBench) -> dict:
 
         teacher_only(), teacher_capture()  # warm-up
         teacher_rate = _best_rate(teacher_only, n, b.repeats)
+        inference_rate = _best_rate(lambda: _inference_from_source(plain, b, spec, device), n, b.repeats)
         capture_rate = _best_rate(teacher_capture, n, b.repeats)
         captured = [capture(x).cpu() for x in batches]
 
@@ -171,6 +199,8 @@ def bench_extract(b: ExtractBench) -> dict:
         "vs_serial": round(best / serial, 3),
         "capture_vs_plain_inference": round(capture_rate / teacher_rate, 3),
         "extract_vs_plain_inference": round(best / teacher_rate, 3),
+        "inference_from_source_views_per_s": round(inference_rate, 2),
+        "extract_vs_inference_from_source": round(best / inference_rate, 3),
         "raw_fp16_bytes_per_view": raw,
         "stored_bytes_per_view": round(stored_bytes[0] / n, 1),
         "ratio_vs_raw_fp16": round(raw * n / stored_bytes[0], 3),
