@@ -328,19 +328,26 @@ def _copy_student_trains_from(teacher, codec: str, image_folder, tmp_path):
     return out
 
 
+def _flipped_file_is_refused(out: Path, name: str, offset: int) -> tuple[Path, bytes]:
+    """Flip one bit of a cache's file at `offset`: opening the cache must refuse it by its manifest sha256. Returns
+    the path and the original bytes."""
+    path = out / name
+    original = path.read_bytes()
+    data = bytearray(original)
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CacheFormatError, match=f"{name}: does not match the size and sha256"):
+        open_cache(str(out))
+    return path, original
+
+
 def test_inputs_cache_trains_and_its_projections_file_is_checked(inputs_teachers, image_folder, tmp_path):
     """A copy student trains from an `inputs` cache through loader workers (the projections travel with the
     reopened cache); a damaged or forged projections file is a one-line error before any record is decoded."""
     from safetensors.torch import load, save
 
     out = _copy_student_trains_from(inputs_teachers["plain"], "inputs", image_folder, tmp_path)
-    path = out / "teacher_qk.safetensors"
-    original = path.read_bytes()
-    data = bytearray(original)
-    data[-10] ^= 0x01
-    path.write_bytes(bytes(data))
-    with pytest.raises(CacheFormatError, match="teacher_qk.safetensors: does not match the size and sha256"):
-        open_cache(str(out))
+    path, original = _flipped_file_is_refused(out, "teacher_qk.safetensors", -10)
     # a forgery that agrees with the manifest: weights of another shape, a NaN, a missing tensor
     tensors = load(original)
     for edit in ("shape", "nan", "missing"):
@@ -508,13 +515,7 @@ def test_inputs_klt_cache_trains_and_its_basis_file_is_checked(inputs_teachers, 
     from safetensors.torch import load, save
 
     out = _copy_student_trains_from(inputs_teachers["qk_norm"], "inputs_klt", image_folder, tmp_path)
-    path = out / "inputs_basis.safetensors"
-    original = path.read_bytes()
-    data = bytearray(original)
-    data[-7] ^= 0x01
-    path.write_bytes(bytes(data))
-    with pytest.raises(CacheFormatError, match="inputs_basis.safetensors: does not match the size and sha256"):
-        open_cache(str(out))
+    path, original = _flipped_file_is_refused(out, "inputs_basis.safetensors", -7)
     manifest = json.loads((out / "manifest.json").read_text())
     tensors = load(original)
     for edit, match in (("shape", "tensor 0.mean must be"), ("nan", "tensor 1.decode must be finite"),

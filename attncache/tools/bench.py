@@ -114,11 +114,10 @@ class BenchDir:
 
 
 @torch.no_grad()
-def _inference_from_source(model, b: ExtractBench, spec, device: torch.device) -> None:
+def _inference_from_source(model, source, jobs, one, b: ExtractBench, device: torch.device) -> None:
     """Plain inference over the dataset as a user runs it: images read from the source, decoded and rendered by
-    `extract`'s number of threads, the never-hooked teacher's forward per batch; nothing captured or written."""
-    source = open_source(b.data, limit=b.limit)
-    jobs, one = _view_renderer(source, spec, b.views)
+    `extract`'s number of threads, the never-hooked teacher's forward per batch; nothing captured or written. The
+    source is listed and its views drawn beforehand (`_view_renderer`), as extraction does before its pipeline."""
     images = dict(source.iter_bytes(range(len(jobs) // b.views)))
     with ThreadPoolExecutor(ExtractConfig.workers) as pool:
         rendered = pool.map(lambda job: one(job, images[job[0]]), jobs)  # renders ahead while the teacher runs
@@ -153,7 +152,9 @@ def bench_extract(b: ExtractBench) -> dict:
 
         teacher_only(), teacher_capture()  # warm-up
         teacher_rate = _best_rate(teacher_only, n, b.repeats)
-        inference_rate = _best_rate(lambda: _inference_from_source(plain, b, spec, device), n, b.repeats)
+        source = open_source(b.data, limit=b.limit)
+        jobs, one = _view_renderer(source, spec, b.views)
+        inference_rate = _best_rate(lambda: _inference_from_source(plain, source, jobs, one, b, device), n, b.repeats)
         capture_rate = _best_rate(teacher_capture, n, b.repeats)
         captured = [capture(x).cpu() for x in batches]
 
