@@ -46,7 +46,7 @@ def main() -> None:
         raise SystemExit("a zarr cache, please")
     numcodecs.blosc.set_nthreads(1)
     reader = cache.reader
-    threads = args.threads or getattr(reader, "read_threads", 1)
+    threads = args.threads or getattr(reader, "threads", getattr(reader, "read_threads", 1))
     field = next(iter(reader.fields))
     array = zarr.open_group(args.cache, mode="r")[field]
     rng = np.random.default_rng(0)
@@ -68,7 +68,7 @@ def main() -> None:
 
     def with_threads(count):
         def timed(fn, rows_):
-            reader.read_threads = count
+            reader.threads = count
             return ms(fn, len(rows_))
         return {
             "one_by_one": timed(lambda: [reader.read([r]) for r in rows], rows),

@@ -203,12 +203,12 @@ def test_pooled_decoding_reads_the_same_numbers(monkeypatch, folder_fp16_zarr, f
 
     root = {"zarr": folder_fp16_zarr, "wds": folder_fp16_wds}[fmt]
     inline = open_cache(str(root))
-    inline.reader.read_threads = 1
+    inline.reader.threads = 1
     batches = [list(range(12)), [11, 3, 7, 0, 5], [4, 4, 9], [6]]
     expected = [inline.read_rows(rows) for rows in batches]
     monkeypatch.setattr(base, "POOL_MIN_BYTES", 0)
     pooled = open_cache(str(root))
-    pooled.reader.read_threads = 3
+    pooled.reader.threads = 3
     threads = set()
     decode = pooled.reader.decode_chunk
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import queue
 import threading
 import time
@@ -25,6 +24,7 @@ import torch
 from ..codecs import Codec
 from ..sources import IMAGE_EXTENSIONS, Source, open_image
 from ..store import StoreWriter
+from ..store.base import usable_cores
 from ..store.format import sample_and_view
 from ..teacher import AttentionCapture, TeacherSpec, drop_path_masks
 from ..views import View, drop_path_keep, render
@@ -145,9 +145,8 @@ def writer_threads(device: torch.device, render_workers: int) -> int:
     """Threads that compress shards: the cores the teacher leaves free. A CPU teacher's torch threads need theirs
     (more busy threads than cores stall its ops; on 2 cores a pool beside the teacher gained nothing end to end);
     beside an accelerator, every core the render workers leave."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     busy = torch.get_num_threads() if device.type == "cpu" else render_workers + 1
-    return max(1, cores - busy)
+    return max(1, usable_cores() - busy)
 
 
 def run_pipeline(work: Work, pending: list[int], capture: AttentionCapture, codec: Codec, writer: StoreWriter, *,

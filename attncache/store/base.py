@@ -52,10 +52,15 @@ def strip_checksum(data: bytes, where: str) -> memoryview:
     return memoryview(data)[:-CHECKSUM_BYTES]
 
 
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def default_codec_threads() -> int:
-    """Threads that decode a read's chunks or compress a shard's: the cores this process may use, at most 4
-    (DataLoader workers each have their own pool)."""
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    """Threads that decode a read's chunks or compress a shard's: the usable cores, at most 4 (DataLoader workers
+    each have their own pool)."""
+    return max(1, min(4, usable_cores()))
 
 
 _pools: dict[tuple[int, int], ThreadPoolExecutor] = {}  # (pid, threads): a forked child makes its own
@@ -106,9 +111,9 @@ class StoreWriter:
 
 
 class StoreReader:
-    def __init__(self, fs: CacheFS, manifest: dict, read_threads: int | None = None):
+    def __init__(self, fs: CacheFS, manifest: dict):
         self.fs, self.manifest = fs, manifest
-        self.read_threads = default_codec_threads() if read_threads is None else max(1, int(read_threads))
+        self.threads = default_codec_threads()  # decompressor threads per read
         self.fields = {name: FieldSpec(tuple(s["shape"]), s["dtype"])
                        for name, s in manifest["codec"]["fields"].items()}
         self.compressor = manifest["codec"]["compressor"]
@@ -140,11 +145,11 @@ class StoreReader:
         here. The first damaged chunk, in the iterable's order, raises its error."""
         chunks = iter(chunks)
         head = list(itertools.islice(chunks, 2))
-        if len(head) < 2 or self.read_threads < 2:
+        if len(head) < 2 or self.threads < 2:
             for chunk in itertools.chain(head, chunks):
                 self.decode_chunk(*chunk)
             return
-        pool, futures = codec_pool(self.read_threads), []
+        pool, futures = codec_pool(self.threads), []
         try:
             for chunk in itertools.chain(head, chunks):
                 if chunk[1].nbytes >= POOL_MIN_BYTES:

@@ -58,8 +58,8 @@ class WdsWriter(StoreWriter):
 
 
 class WdsReader(StoreReader):
-    def __init__(self, fs, manifest, read_threads=None):
-        super().__init__(fs, manifest, read_threads)
+    def __init__(self, fs, manifest):
+        super().__init__(fs, manifest)
         self._index: dict[int, dict[str, dict[str, tuple[int, int]]]] = {}
 
     def _shard_index(self, shard: int) -> dict[str, dict[str, tuple[int, int]]]:

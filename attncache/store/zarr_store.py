@@ -101,8 +101,8 @@ class ZarrWriter(StoreWriter):
 
 
 class ZarrReader(StoreReader):
-    def __init__(self, fs, manifest, read_threads=None):
-        super().__init__(fs, manifest, read_threads)
+    def __init__(self, fs, manifest):
+        super().__init__(fs, manifest)
         self._check_metadata()
         self._indexes: dict[tuple[str, int], tuple[str, np.ndarray, int]] = {}
 
