@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo_out
 
-.PHONY: install test test-slow demo bench lint clean
+.PHONY: install test test-slow demo bench bench-gpu prepare-gpu lint clean
 
 # (Re)install when the venv is missing or pyproject.toml changed since the last install.
 # pip runs with -qq: its errors still show, its warnings and the build backend's banners do not.
@@ -36,6 +36,15 @@ bench: $(STAMP)
 	test -f $(DEMO_OUT)/train_cache/manifest.json || $(MAKE) demo
 	$(BIN)/attncache bench train --cache $(DEMO_OUT)/train_cache --data demo \
 	  --weights $(DEMO_OUT)/teacher_run/model.safetensors --out $(DEMO_OUT)/bench_train
+
+# The GPU check (docs/benchmarks.md, "GPU"): prepare-gpu downloads the wheels the device lacks into .whl/ (pinned to
+# this venv's versions; nothing is downloaded twice); bench-gpu is the check itself, which the device runs through
+# benchmarks/gpu_run.sh (BENCH_GPU_ARGS=--cpu-tiny runs it here, on tiny teachers, in seconds).
+prepare-gpu: $(STAMP)
+	$(BIN)/python benchmarks/prepare_gpu.py --dest .whl
+
+bench-gpu: $(STAMP)
+	$(BIN)/python benchmarks/bench_gpu.py $(BENCH_GPU_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check attncache cli tests benchmarks

@@ -7,7 +7,7 @@ and the modules a DataLoader worker needs stay light (no timm, no model code). T
 
 from importlib import import_module
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 _API = {
     "AttncacheError": ".errors", "CacheFormatError": ".errors", "RunInterrupted": ".errors",

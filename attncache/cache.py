@@ -1,8 +1,13 @@
 """Reading a cache: `open_cache(path_or_url)` validates the manifest and gives access by (key, view) or row.
 
 Local directories and fsspec URLs (https://, s3://, ...) read the same way, through one `CacheFS` carrying the
-storage options. Nothing here unpickles: the manifest and indexes are strict JSON (each checked against its sha256
-in the manifest when read), the maps are raw arrays with dtype and shape taken from the validated manifest.
+storage options. Nothing here unpickles: the manifest is strict JSON, the per-record metadata fixed-width tables
+read by row with a checksum per block (store/records.py; versions 1-4: JSONL files checked against their sha256),
+the maps raw arrays with dtype and shape taken from the validated manifest.
+
+Opening costs the manifest alone, whatever the number of records: a record's view and sample are read when asked
+for. A pickled cache (what a DataLoader worker gets) carries the manifest's bytes, so a worker neither fetches nor
+re-validates it, and is bound to exactly the cache the main process opened.
 """
 
 from __future__ import annotations
@@ -11,11 +16,13 @@ import hashlib
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .codecs import get_codec
 from .codecs.inputs_klt import load_basis
-from .errors import CacheFormatError
+from .errors import AttncacheError, CacheFormatError
+from .files import StrictJSONError, loads_strict
 from .store import READERS, CacheFS
 from .store.format import (
     BASIS,
@@ -31,7 +38,9 @@ from .store.format import (
     parse_manifest,
     row_of,
     sample_and_view,
+    uses_tables,
 )
+from .store.records import RecordTables, memory_tables
 from .teacher import TeacherSpec
 from .teacher.projections import load_projections
 from .views import View, ViewPolicy
@@ -47,24 +56,22 @@ class CacheItem:
 
 
 class Cache:
-    def __init__(self, root: str, storage_options: dict | None = None, manifest_sha256: str | None = None):
+    def __init__(self, root: str, storage_options: dict | None = None, manifest_sha256: str | None = None,
+                 manifest_bytes: bytes | None = None, validated: bool = False):
         self.fs = CacheFS(root, storage_options)
         self.root = self.fs.url
-        try:
-            data = self.fs.read(MANIFEST, MAX_MANIFEST_BYTES)
-        except CacheFormatError as exc:
-            if not self.fs.exists(MANIFEST):
-                raise CacheFormatError(f"{self.root}: not an attncache cache ({MANIFEST} missing)") from exc
-            raise
+        data = manifest_bytes if manifest_bytes is not None else self._read_manifest()
         # The manifest names every other file's sha256: pinning its own (as published beside the URL) pins all.
         self.manifest_sha256 = hashlib.sha256(data).hexdigest()
         if manifest_sha256 is not None and manifest_sha256.lower() != self.manifest_sha256:
             raise CacheFormatError(f"{self.fs.where(MANIFEST)}: sha256 {self.manifest_sha256[:16]}..., expected "
                                    f"{manifest_sha256[:16]}... (not the cache that was published, or it changed "
                                    "since it was opened)")
+        self._manifest_bytes = data
         try:
-            self.manifest = parse_manifest(data)
-        except CacheFormatError as exc:
+            # `validated`: bytes this process's parent validated (a loader worker): parsed, not checked again
+            self.manifest = loads_strict(data) if validated else parse_manifest(data)
+        except (CacheFormatError, StrictJSONError) as exc:
             raise CacheFormatError(f"{self.root}/{MANIFEST}: {str(exc).removeprefix('manifest: ')}") from exc
         m = self.manifest
         self.fs.known = {f["path"]: f for f in named_files(m)}  # sizes for range reads, sha256 for --cache-dir
@@ -83,16 +90,23 @@ class Cache:
         self.num_samples: int = m["dataset"]["num_samples"]
         self.views_per_image: int = m["views"]["views_per_image"]
         self.policy = ViewPolicy.from_json(m["views"])  # how the views were drawn (augmentation, mixing)
-        self._samples: list[dict] | None = None
-        self._views: list[dict] | None = None
-        self._parsed_views: list[View] = []
-        self._key_index: dict[str, int] | None = None
+        # versions 5 on: tables read by row; before: JSONL files parsed whole on first use (small caches)
+        self._records: RecordTables | None = RecordTables.open(self.fs, m) if uses_tables(m) else None
         self.reader = READERS[m["store"]["format"]](self.fs, m)
 
+    def _read_manifest(self) -> bytes:
+        try:
+            return self.fs.read(MANIFEST, MAX_MANIFEST_BYTES)
+        except CacheFormatError as exc:
+            if not self.fs.exists(MANIFEST):
+                raise CacheFormatError(f"{self.root}: not an attncache cache ({MANIFEST} missing)") from exc
+            raise
+
     def __reduce__(self):
-        # A DataLoader worker reopens the cache with the same filesystem options, pinned to the manifest this
-        # process read: a remote cache replaced meanwhile is an error in the worker, never a mix of two caches.
-        return open_cache, (self.root, self.fs.storage_options, self.manifest_sha256)
+        # A DataLoader worker reopens the cache with the same filesystem options and the manifest bytes this
+        # process read and validated (sha256-bound): no worker fetches the manifest again, and none can see
+        # another cache than the main process.
+        return _reopen, (self.root, self.fs.storage_options, self.manifest_sha256, self._manifest_bytes)
 
     @property
     def storage_options(self) -> dict:
@@ -106,38 +120,90 @@ class Cache:
             raise CacheFormatError(f"{self.fs.where(name)}: does not match the size and sha256 in the manifest")
         return data
 
-    def _index_file(self, name: str) -> list:
-        return parse_jsonl(self._file(name), self.fs.where(name))
-
     @property
-    def samples(self) -> list[dict]:
-        if self._samples is None:
-            self._samples = check_samples(self._index_file(SAMPLES), self.manifest, self.fs.where(SAMPLES))
-        return self._samples
+    def records(self) -> RecordTables:
+        """The per-record metadata (samples and views), read by row."""
+        if self._records is None:  # versions 1-4: parsed and checked whole, once
+            where = {name: self.fs.where(name) for name in (SAMPLES, VIEWS)}
+            samples = check_samples(parse_jsonl(self._file(SAMPLES), where[SAMPLES]), self.manifest, where[SAMPLES])
+            views = check_views(parse_jsonl(self._file(VIEWS), where[VIEWS]), samples, self.manifest, where[VIEWS])
+            from .store.records import TABLES
 
-    @property
-    def views(self) -> list[dict]:
-        if self._views is None:
-            raw = self._index_file(VIEWS)
-            self._parsed_views = check_views(raw, self.samples, self.manifest, self.fs.where(VIEWS))
-            self._views = raw
-        return self._views
+            self._records = memory_tables(samples, views, self.manifest,
+                                          {name: where[SAMPLES if name != "views.bin" else VIEWS] for name in TABLES})
+        return self._records
 
     def __len__(self) -> int:
         return self.manifest["store"]["records"]
 
     def row(self, key: str, view: int = 0) -> int:
-        if self._key_index is None:
-            self._key_index = {s["key"]: i for i, s in enumerate(self.samples)}
-        if key not in self._key_index:
+        index = self.records.index_of(key)
+        if index is None:
             raise KeyError(f"{self.root}: no sample {key!r}")
         if not 0 <= view < self.views_per_image:
             raise KeyError(f"{self.root}: sample {key!r} has views 0..{self.views_per_image - 1}, not {view}")
-        return row_of(self._key_index[key], view, self.num_samples)
+        return row_of(index, view, self.num_samples)
 
     def sample(self, row: int) -> dict:
-        """The image record (key, label, sha256, size) of a row."""
-        return self.samples[sample_and_view(row, self.num_samples)[0]]
+        """The image record (key, label, sha256, width, height) of a row."""
+        return self.records.sample(sample_and_view(row, self.num_samples)[0])
+
+    def sample_at(self, index: int) -> dict:
+        """The image record of sample `index` (the images are rows 0..num_samples - 1 of every view)."""
+        return self.records.sample(index)
+
+    def view(self, row: int) -> View:
+        """The stored view parameters of a record (what `render()` replays), checked."""
+        return self.records.view(row)
+
+    def view_json(self, row: int) -> dict:
+        """A record's metadata as JSON, for people and scripts (`attncache inspect --views`): its sample and view
+        index, the image record, and the view (a mixing partner also by its sample index)."""
+        sample_index, view_index = sample_and_view(row, self.num_samples)
+        view = self.view(row)
+        out = {"row": row, "sample": sample_index, "view": view_index, "image": self.sample_at(sample_index),
+               **view.to_json()}
+        if view.mix is not None:
+            out["mix"]["partner_sample"] = view.mix.partner_index
+        return out
+
+    def parse_rows(self, text: str) -> list[int]:
+        """Rows named like `5`, `0:10` (a half-open range) or `3,7,9`; each must be a record of this cache."""
+        rows = []
+        for part in text.split(","):
+            try:
+                if ":" in part:
+                    start, stop = (int(x) if x.strip() else None for x in part.split(":", 1))
+                    rows += range(*slice(start, stop).indices(len(self)))
+                else:
+                    rows.append(int(part))
+            except ValueError as exc:
+                raise AttncacheError(f"rows {text!r}: expected N, START:STOP or N,N,...") from exc
+        bad = next((r for r in rows if not 0 <= r < len(self)), None)
+        if bad is not None:
+            raise AttncacheError(f"row {bad}: this cache has rows 0..{len(self) - 1}")
+        return rows
+
+    def iter_keys(self):
+        """Every sample's key in sample order, a chunk (a list) at a time."""
+        return self.records.iter_keys()
+
+    def label_range(self) -> tuple[int, int]:
+        """(smallest, largest) label over the samples, read a chunk at a time."""
+        lo, hi, chunk = None, None, 1 << 16
+        for start in range(0, self.num_samples, chunk):
+            labels = self.records.labels(np.arange(start, min(self.num_samples, start + chunk)))
+            lo = int(labels.min()) if lo is None else min(lo, int(labels.min()))
+            hi = int(labels.max()) if hi is None else max(hi, int(labels.max()))
+        return lo, hi
+
+    def check_records(self) -> int:
+        """Read and check every sample and view (what `verify` does); returns the records checked."""
+        for index in range(self.num_samples):
+            self.records.sample(index)
+        for row in range(len(self)):
+            self.records.view(row)
+        return len(self)
 
     def read_fields(self, rows: list[int]) -> dict[str, torch.Tensor]:
         """The codec's compact fields of these rows, on the CPU (what loader workers hand to the trainer)."""
@@ -155,16 +221,9 @@ class Cache:
     def item(self, row: int, device: str | torch.device = "cpu") -> CacheItem:
         if not 0 <= row < len(self):
             raise IndexError(row)
-        sample_index, view_index = sample_and_view(row, self.num_samples)
-        sample = self.samples[sample_index]
-        return CacheItem(sample["key"], view_index, sample["label"], self.view(row),
+        sample = self.sample(row)
+        return CacheItem(sample["key"], sample_and_view(row, self.num_samples)[1], sample["label"], self.view(row),
                          self.read_rows([row], device)[0])
-
-    def view(self, row: int) -> View:
-        """The stored view parameters of a record (what `render()` replays)."""
-        if self._views is None:
-            _ = self.views  # read and checked once, on first use
-        return self._parsed_views[row]
 
     def __getitem__(self, index) -> CacheItem:
         if isinstance(index, tuple):
@@ -202,6 +261,10 @@ def _describe(a) -> str:
     if a.mixes:
         parts += [f"{name} {alpha}" for name, alpha in (("mixup", a.mixup), ("cutmix", a.cutmix)) if alpha]
     return ", ".join(parts) or "none"
+
+
+def _reopen(root: str, storage_options: dict, manifest_sha256: str, manifest_bytes: bytes) -> Cache:
+    return Cache(root, storage_options, manifest_sha256, manifest_bytes, validated=True)
 
 
 def open_cache(root: str, storage_options: dict | None = None, manifest_sha256: str | None = None) -> Cache:

@@ -1,8 +1,11 @@
 """The process group, when a command runs under torchrun (or SLURM's srun with torchrun's variables).
 
-torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; `World.from_env()` joins the group (gloo on CPU, nccl on CUDA) and
-says which rank this process is. Without those variables the world is one process and every collective is a no-op,
-so the same code runs alone or distributed.
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; `World.from_env()` joins the group and says which rank this process
+is. On CPU the group is gloo. On CUDA each rank first makes its own GPU (LOCAL_RANK) the current device, and the
+group is nccl for CUDA tensors (DDP's gradients) with gloo beside it for CPU tensors: the small control collectives
+(losses, stop flags, RNG states, plans) are CPU tensors or objects, which nccl alone refuses or would stage through
+the current GPU (GPU 0 for every rank, had the device not been set). Without those variables the world is one
+process and every collective is a no-op, so the same code runs alone or distributed.
 """
 
 from __future__ import annotations
@@ -38,8 +41,11 @@ class World:
         rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
         import torch.distributed as dist
 
+        world = cls(rank, size, local_rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(world.device(device))
         if not dist.is_initialized():
-            backend = "nccl" if device.type == "cuda" else "gloo"
+            backend = process_group_backend(device)
             try:
                 dist.init_process_group(backend)
             except (RuntimeError, ValueError) as exc:
@@ -48,7 +54,7 @@ class World:
             # be destroyed joinable, and a rank that finished first aborted ("terminate called without an active
             # exception", SIGABRT), failing the whole torchrun job after its work was done.
             atexit.register(_leave_group)
-        return cls(rank, size, local_rank)
+        return world
 
     def device(self, device: torch.device) -> torch.device:
         """cuda means this rank's GPU (LOCAL_RANK) when distributed."""
@@ -90,6 +96,11 @@ class World:
         out = [None] * self.size
         dist.all_gather_object(out, obj)
         return out
+
+
+def process_group_backend(device: torch.device) -> str:
+    """gloo on CPU; on CUDA nccl for CUDA tensors and gloo for CPU ones (see the module docstring)."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
 def _leave_group() -> None:

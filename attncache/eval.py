@@ -87,4 +87,4 @@ class TrainedStudent:
             raise AttncacheError("pass --val-cache and/or --val-data (the run has none recorded)")
         maps = CachedMaps(cache, self.layers, self.mode, self.device) if self.mode.eval_with_maps else None
         probs, labels = predict(self.model, make_loader(stream, workers), self.layers, maps, self.device)
-        return probs, labels, [s["key"] for s in stream.samples]
+        return probs, labels, stream.keys()

@@ -36,14 +36,32 @@ class RunDir:
                  started: Callable[[Path, dict], bool],
                  recorded_plan: Callable[[Path], dict] | None = None,
                  differences: Callable[[dict, dict], list[str]] = plan_differences,
-                 discard: Callable[[Path, dict], None] | None = None):
+                 discard: Callable[[Path, dict], None] | None = None, unclaimed: tuple[str, ...] = ()):
         """`started(path, old_plan)`: has the run produced anything of value? `recorded_plan(path)`: the plan on
-        disk (default: the plan file). `discard(path, old_plan)`: remove an unstarted run's files."""
+        disk (default: the plan file). `discard(path, old_plan)`: remove an unstarted run's files. `unclaimed`:
+        files (`folder/name`) a run writes before it claims the directory: a directory holding only those is
+        free."""
         self.path, self.kind = Path(path), kind
         self.plan_file, self.done_file = plan_file, done_file
         self._started, self._differences, self._discard = started, differences, discard
         self._recorded_plan = recorded_plan or (lambda p: read_json(p / plan_file))
         self._lock_fd: int | None = None
+        self.unclaimed = unclaimed
+
+    def is_free(self) -> bool:
+        """Missing, empty, or holding only `unclaimed` files (looked up by name: a big foreign folder is never
+        walked)."""
+        if not self.path.exists():
+            return True
+        allowed = {tuple(name.split("/")) for name in self.unclaimed}
+        for entry in self.path.iterdir():
+            if entry.is_symlink() or not any(a[0] == entry.name for a in allowed):
+                return False
+            if entry.is_dir() and any(not (p.is_file() and (entry.name, p.name) in allowed) for p in entry.iterdir()):
+                return False
+            if entry.is_file() and (entry.name,) not in allowed:
+                return False
+        return True
 
     def is_ours(self) -> bool:
         return (self.path / self.plan_file).is_file() or (self.path / self.done_file).is_file()
@@ -53,7 +71,7 @@ class RunDir:
         out = self.path
         if out.exists() and not out.is_dir():
             raise AttncacheError(f"--out {out}: exists and is not a directory")
-        if not out.exists() or not any(out.iterdir()):
+        if self.is_free():
             return NEW
         if not self.is_ours():
             raise AttncacheError(f"--out {out}: not empty and holds no attncache {self.kind}; "

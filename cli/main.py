@@ -199,12 +199,19 @@ def merge(cache: Path = typer.Argument(..., help="cache directory written by --n
 @app.command()
 def inspect(cache: str = typer.Argument(..., help="cache directory or URL"),
             as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+            views: str | None = typer.Option(None, "--views", help="print these records' metadata as JSON lines "
+                                             "(rows: 5, 0:10, 3,7,9)"),
             storage_option: StorageOption = [], cache_dir: CacheDir = None):  # noqa: B006
-    """Summarise a cache: teacher, layers, codec, views, sizes."""
+    """Summarise a cache: teacher, layers, codec, views, sizes; or print records' views and images as JSON."""
     from attncache import open_cache
 
     try:
-        summary = open_cache(cache, storage_options(storage_option, cache_dir)).summary()
+        opened = open_cache(cache, storage_options(storage_option, cache_dir))
+        if views is not None:
+            for row in opened.parse_rows(views):
+                typer.echo(json.dumps(opened.view_json(row)))
+            return
+        summary = opened.summary()
     except AttncacheError as exc:
         _fail(exc)
     if as_json:
@@ -521,6 +528,56 @@ def demo(out: Path = typer.Option(Path("demo_out"), help="where the demo writes 
         run_demo(out, epochs)
     except AttncacheError as exc:
         _fail(exc)
+
+
+@app.command()
+def plan(
+    teacher: Teacher = "mae_vitl", image_size: ImageSize = None, teacher_arg: TeacherArg = [],  # noqa: B006
+    depth: int | None = typer.Option(None, help="explicit geometry instead of --teacher: blocks"),
+    heads: int | None = typer.Option(None, help="explicit geometry: attention heads"),
+    embed_dim: int | None = typer.Option(None, help="explicit geometry: width D"),
+    patch: int | None = typer.Option(None, help="explicit geometry: patch size"),
+    prefix_tokens: int = typer.Option(1, help="explicit geometry: [CLS] + register tokens"),
+    mlp_ratio: float = typer.Option(4.0, help="explicit geometry: MLP hidden units / D"),
+    student: str | None = typer.Option(None, help="student alias or timm name (default: the teacher's architecture)"),
+    layers: str = typer.Option("reference", help="captured layers, as extract (reference: the first depth-3)"),
+    codec: list[str] = typer.Option(["all"], "--codec", help="NAME or NAME:KEY=VALUE,... (repeatable); all: every "
+                                                             "codec at its defaults"),
+    images: int = typer.Option(1_281_167, help="images in the dataset (default: ImageNet-1k train)"),
+    views: int = typer.Option(4, help="cached views per image"),
+    epochs: int = typer.Option(200, help="epochs of one student run"),
+    images_per_s: float = typer.Option(1000.0, help="the student's training rate per GPU, maps in hand"),
+    gpus_per_node: int = typer.Option(8),
+    read_bandwidth: float | None = typer.Option(None, help="GB/s a node can read the cache at (default: unlimited)"),
+    ratio: float | None = typer.Option(None, help="compressed / raw field bytes (default: the measured table)"),
+    bits_per_element: float | None = typer.Option(None, help="compressed bits per stored field element"),
+    ratio_from: Path | None = typer.Option(None, help="a local cache: use its measured ratio (and its codec)"),
+    markdown: bool = typer.Option(False, "--markdown", help="the table as markdown"),
+    as_json: bool = typer.Option(False, "--json", help="JSON only, no table"),
+):
+    """The cost on paper: cache bytes, read bandwidth, FLOPs saved and decoded, break-even student runs
+    (docs/costs.md)."""
+    from attncache.teacher import parse_kwargs
+    from attncache.tools import costs
+
+    try:
+        geometry = (costs.explicit_geometry(depth, heads, embed_dim, patch, image_size, prefix_tokens, mlp_ratio)
+                    or costs.timm_geometry(teacher, image_size, parse_kwargs(teacher_arg)))
+        if ratio_from is not None:
+            ratio, codec = costs.ratio_from_cache(ratio_from, codec, ratio, bits_per_element)
+        result = costs.plan(costs.PlanInputs(
+            geometry, layers, costs.expand_codecs(codec),
+            student=costs.timm_geometry(student, geometry.image_size) if student else None, images=images,
+            views=views, epochs=epochs, images_per_s=images_per_s, gpus_per_node=gpus_per_node,
+            read_GBps_per_node=read_bandwidth, ratio=ratio, bits_per_element=bits_per_element))
+    except AttncacheError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    from rich.console import Console
+
+    Console().print(costs.plan_table(result, markdown))
 
 
 def main() -> None:  # pragma: no cover

@@ -21,6 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from attncache.extract import ExtractConfig, extract
+from attncache.recipes import RECIPES
 from attncache.sources import open_image
 from attncache.teacher import TeacherOptions
 from attncache.views import View, render
@@ -220,3 +221,53 @@ def zarr_copy(tmp_path, folder_fp16_zarr) -> Path:
 def wds_copy(tmp_path, folder_fp16_wds) -> Path:
     """A private copy of the fp16 wds cache (images embedded), for tests that damage or forge it."""
     return Path(shutil.copytree(folder_fp16_wds, tmp_path / "wds"))
+
+
+@pytest.fixture(scope="session")
+def recipe_zarr(tmp_path_factory, tiny_teacher, image_folder) -> Path:
+    """6 images x 3 views with the reference recipe's augmentation and mixing, fp32 maps."""
+    out = tmp_path_factory.mktemp("caches") / "recipe_zarr"
+    extract(tiny_teacher.config(image_folder, out, views=3, codec="fp32", augment=RECIPES["at-copy"].augment, seed=3))
+    return out
+
+
+@pytest.fixture(scope="session")
+def recipe_wds(tmp_path_factory, tiny_teacher, image_folder) -> Path:
+    """The distill recipe's views (with teacher drop-path masks), webdataset with embedded images."""
+    out = tmp_path_factory.mktemp("caches") / "recipe_wds"
+    extract(tiny_teacher.config(image_folder, out, views=3, codec="fp32", augment=RECIPES["at-distill"].augment, seed=3,
+                                format="wds", embed_images=True, records_per_shard=4))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# older format versions, made from a cache this version wrote
+
+
+def as_version_4(root: Path) -> None:
+    """Rewrite the cache at `root` in place as format version 4 stored it: `samples.jsonl` and `views.jsonl` (one
+    JSON object per image and per record) instead of the record tables. The tests of the JSONL read path (caches
+    written before version 5) and of hostile JSON views run on these."""
+    import hashlib
+    import json
+
+    from attncache import open_cache
+    from attncache.files import dumps_canonical
+    from attncache.store.format import sample_and_view, seal
+    from attncache.store.records import TABLES
+
+    root = Path(root)
+    if (root / "views.jsonl").exists():
+        return
+    cache = open_cache(str(root))
+    samples = b"".join(dumps_canonical(cache.sample_at(i)) + b"\n" for i in range(cache.num_samples))
+    views = b"".join(dumps_canonical(dict(zip(("sample", "view"), sample_and_view(r, cache.num_samples), strict=True),
+                                          **cache.view(r).to_json())) + b"\n" for r in range(len(cache)))
+    m = json.loads((root / "manifest.json").read_text())
+    for name in TABLES:
+        (root / name).unlink()
+        del m["files"][name]
+    for name, data in (("samples.jsonl", samples), ("views.jsonl", views)):
+        (root / name).write_bytes(data)
+        m["files"][name] = {"path": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (root / "manifest.json").write_text(json.dumps(seal({**m, "version": 4}), indent=2))

@@ -19,7 +19,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from conftest import image_bytes, reference_maps
+from conftest import as_version_4, image_bytes, reference_maps
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -30,6 +30,7 @@ from attncache.extract import extract
 from attncache.recipes import RECIPES, extract_config, train_config
 from attncache.sources import open_image
 from attncache.store.format import seal
+from attncache.store.records import TABLES
 from attncache.train import train
 from attncache.views import Augmentation, AugmentOp, Erase, Mix, View, ViewPolicy, erase_noise, render
 from attncache.views.policy import draw_mix, level_args
@@ -263,23 +264,6 @@ def test_bad_augmentation_options_fail_before_work():
 # the cache: maps of augmented/mixed views equal a live teacher on the independently composed image
 
 
-@pytest.fixture(scope="session")
-def recipe_zarr(tmp_path_factory, tiny_teacher, image_folder) -> Path:
-    """6 images x 3 views with the reference recipe's augmentation and mixing, fp32 maps."""
-    out = tmp_path_factory.mktemp("caches") / "recipe_zarr"
-    extract(tiny_teacher.config(image_folder, out, views=3, codec="fp32", augment=RECIPE_AUG, seed=3))
-    return out
-
-
-@pytest.fixture(scope="session")
-def recipe_wds(tmp_path_factory, tiny_teacher, image_folder) -> Path:
-    """The distill recipe's views (with teacher drop-path masks), webdataset with embedded images."""
-    out = tmp_path_factory.mktemp("caches") / "recipe_wds"
-    extract(tiny_teacher.config(image_folder, out, views=3, codec="fp32", augment=DISTILL_AUG, seed=3,
-                                format="wds", embed_images=True, records_per_shard=4))
-    return out
-
-
 def reference_maps_with_drop_path(model: torch.nn.Module, x: torch.Tensor, layers, keep: torch.Tensor,
                                   rate: float) -> torch.Tensor:
     """timm's own modules, run block by block by hand with the plain stochastic-depth formula
@@ -338,7 +322,7 @@ def _compose_independently(image: Image.Image, partner: Image.Image | None, view
 def test_cached_maps_equal_live_teacher_on_independently_composed_views(request, store, tiny_teacher,
                                                                         image_folder):
     cache = open_cache(str(request.getfixturevalue(store)))
-    assert cache.manifest["version"] == 4
+    assert cache.manifest["version"] == 5
     assert cache.policy.augment == (RECIPE_AUG if store == "recipe_zarr" else DISTILL_AUG)
     model, spec = tiny_teacher.timm_model(), cache.teacher
     files = {p.relative_to(image_folder).as_posix(): p for p in image_folder.rglob("*") if p.is_file()}
@@ -550,6 +534,8 @@ def test_layer_decay_scales_each_layers_lr_as_timm_does(tmp_path, tiny_teacher, 
 
 
 def _rewrite_views(root: Path, edit) -> None:
+    """Edit the views of a cache rewritten as format version 4 (JSON views: `edit` may write any JSON)."""
+    as_version_4(root)
     lines = (root / "views.jsonl").read_text().splitlines()
     lines = [json.dumps(edit(json.loads(line), i)) for i, line in enumerate(lines)]
     data = ("\n".join(lines) + "\n").encode()
@@ -594,7 +580,7 @@ def test_hostile_view_parameters_are_refused_on_open(tmp_path, recipe_zarr, what
     edit, match = HOSTILE_VIEWS[what]
     _rewrite_views(root, lambda v, i: (edit(v), v)[1] if i == 1 else v)
     with pytest.raises(CacheFormatError, match=f"views.jsonl: line 2: .*{match}"):
-        open_cache(str(root)).views  # noqa: B018
+        open_cache(str(root)).records  # noqa: B018
 
 
 def test_views_of_a_newer_kind_need_format_version_3(tmp_path, folder_fp16_wds):
@@ -602,11 +588,12 @@ def test_views_of_a_newer_kind_need_format_version_3(tmp_path, folder_fp16_wds):
 
     root = tmp_path / "c"
     shutil.copytree(folder_fp16_wds, root)
+    as_version_4(root)
     m = json.loads((root / "manifest.json").read_text())
     (root / "manifest.json").write_text(json.dumps(seal({**m, "version": 1})))  # as a version-1 cache states it
     _rewrite_views(root, lambda v, i: {**v, "erase": [{"box": [0, 0, 3, 4], "fill": "const"}]} if i == 0 else v)
     with pytest.raises(CacheFormatError, match="line 1: .*version 3"):
-        open_cache(str(root)).views  # noqa: B018
+        open_cache(str(root)).records  # noqa: B018
 
 
 def test_mixing_from_a_streamed_source_fails_before_the_teacher_runs(tmp_path, tiny_teacher):
@@ -631,7 +618,7 @@ def test_an_interrupted_recipe_extraction_resumes_to_the_same_cache(tmp_path, ti
     stats = {}
     extract(tiny_teacher.config(image_folder, resumed, **kw), stats=stats)
     assert 0 < stats["records"] < 12  # only the shards left were extracted
-    for name in ("views.jsonl", "samples.jsonl"):
+    for name in TABLES:
         assert (straight / name).read_bytes() == (resumed / name).read_bytes()
     a, b = open_cache(str(straight)), open_cache(str(resumed))
     assert torch.equal(a.read_rows(list(range(12))), b.read_rows(list(range(12))))

@@ -51,7 +51,7 @@ def test_extract_inspect_verify(cli_cache, tiny_teacher):
 
     verify = _run("verify", out)
     assert verify.exit_code == 0, verify.output
-    n_files = 4 + 2  # shards + samples/views
+    n_files = 4 + 4  # shards + the record tables (samples, keys, key index, views)
     assert verify.stdout.startswith(f"ok (full): {n_files} files, 16 records, 16 chunk checksums, ")
 
     # what the CLI wrote is what the API reads: one record replayed through the API
@@ -203,8 +203,9 @@ def test_recipe_commands(tiny_teacher, tmp_path):
     assert result.exit_code == 0, result.output
     views = json.loads((cache / "manifest.json").read_text())["views"]
     assert views["augment"]["randaugment"] == "rand-m9-mstd0.5-inc1" and views["augment"]["cutmix"] == 1.0
-    lines = [json.loads(line) for line in (cache / "views.jsonl").read_text().splitlines()]
-    assert any("mix" in v for v in lines) and any("augment" in v for v in lines)
+    shown = _run("inspect", cache, "--views", "0:8")
+    lines = [json.loads(line) for line in shown.stdout.splitlines()]
+    assert len(lines) == 8 and any("mix" in v for v in lines) and any("augment" in v for v in lines)
     run = tmp_path / "run"
     result = _run("train", "--recipe", "at-distill", "--cache", cache, "--out", run, "--epochs", "1",
                   "--batch-size", "4", "--workers", "0", "--quiet", "--label-smoothing", "0.2")

@@ -60,8 +60,8 @@ def test_codec_decodes_to_timm_attention(codec_caches, tiny_teacher, image_folde
     assert cache.decodes_to == kind
     rows = list(range(len(cache)))
     decoded = cache.read_rows(rows)
-    x = torch.stack([render_sample((image_folder / cache.samples[r % cache.num_samples]["key"]).read_bytes(),
-                                   cache.views[r], cache.teacher) for r in rows])
+    x = torch.stack([render_sample((image_folder / cache.sample_at(r % cache.num_samples)["key"]).read_bytes(),
+                                   cache.view(r), cache.teacher) for r in rows])
     model = tiny_teacher.timm_model()
     probs = reference_maps(model, x, cache.layers, "probs")
     got = decoded.softmax(-1) if kind == "logits" else decoded
@@ -302,8 +302,8 @@ def test_inputs_codec_decodes_to_timm_attention(inputs_teachers, image_folder, t
     assert cache.payload == "inputs" and cache.decodes_to == "logits"
     assert (out / "teacher_qk.safetensors").is_file()
     rows = list(range(len(cache)))
-    x = torch.stack([render_sample((image_folder / cache.samples[r % cache.num_samples]["key"]).read_bytes(),
-                                   cache.views[r], cache.teacher) for r in rows])
+    x = torch.stack([render_sample((image_folder / cache.sample_at(r % cache.num_samples)["key"]).read_bytes(),
+                                   cache.view(r), cache.teacher) for r in rows])
     probs = reference_maps(teacher.timm_model(), x, cache.layers, "probs")  # timm's non-fused softmax
     got = cache.read_rows(rows).softmax(-1)
     assert got.shape == probs.shape
@@ -392,8 +392,8 @@ def test_hadamard_rotation_is_the_documented_matrix(dim, block):
 
 
 def _klt_rows_against_timm(teacher, cache, image_folder, rows):
-    x = torch.stack([render_sample((image_folder / cache.samples[r % cache.num_samples]["key"]).read_bytes(),
-                                   cache.views[r], cache.teacher) for r in rows])
+    x = torch.stack([render_sample((image_folder / cache.sample_at(r % cache.num_samples)["key"]).read_bytes(),
+                                   cache.view(r), cache.teacher) for r in rows])
     probs = reference_maps(teacher.timm_model(), x, cache.layers, "probs")  # timm's non-fused softmax
     return probs, cache.read_rows(rows).softmax(-1)
 
@@ -439,7 +439,7 @@ def test_inputs_klt_stores_zigzag_codes_of_the_plain_formula(inputs_teachers, im
     model = teacher.timm_model()
     inputs = []
     hooks = [b.norm1.register_forward_hook(lambda m, i, o: inputs.append(o.detach().double())) for b in model.blocks]
-    x = torch.stack([render_sample((image_folder / cache.samples[r]["key"]).read_bytes(), cache.views[r],
+    x = torch.stack([render_sample((image_folder / cache.sample_at(r)["key"]).read_bytes(), cache.view(r),
                                    cache.teacher) for r in range(len(cache))])
     with torch.no_grad():
         model.forward_features(x)

@@ -80,22 +80,22 @@ def test_registers_teacher_end_to_end(tmp_path, reg_teacher):
     assert m["teacher"]["num_prefix_tokens"] == 5 and m["teacher"]["num_tokens"] == 9
     assert m["capture"]["map_shape"] == [2, 2, 9, 9] and m["capture"]["payload"] == "logits"
     assert m["views"]["split"] == "val" and m["views"]["crop_pct"] == m["teacher"]["crop_pct"]
-    assert m["version"] == 4  # every cache is written as version 4 (per-chunk checksums, sealed manifest)
+    assert m["version"] == 5  # every cache is written as version 5 (record tables, chunk checksums, sealed manifest)
     cache = open_cache(str(out))
     assert len(cache) == 16 and len(m["store"]["shards"]) == 3
     from attncache.sources import open_source
 
     source = open_source("demo:4", split="val")  # the val demo images are drawn with their own seed
-    keys = [s["key"] for s in cache.samples]
+    keys = [cache.sample_at(i)["key"] for i in range(cache.num_samples)]
     xs = []
     for i, data in source.iter_bytes(range(16)):
-        assert hashlib.sha256(data).hexdigest() == cache.samples[i]["sha256"]
+        assert hashlib.sha256(data).hexdigest() == cache.sample_at(i)["sha256"]
         # val: timm's eval transform of each 48x48 image: resize to floor(28 / crop_pct), centre 28 x 28 crop
         scale = int(28 // m["teacher"]["crop_pct"])
         offset = float(round((scale - 28) / 2))
-        assert cache.views[i] == {"sample": i, "view": 0, "flip": False, "resize": [scale, scale],
-                                  "box": [offset, offset, offset + 28, offset + 28]}
-        xs.append(render_sample(data, cache.views[i], cache.teacher))
+        assert cache.view(i).to_json() == {"flip": False, "resize": [scale, scale],
+                                           "box": [offset, offset, offset + 28, offset + 28]}
+        xs.append(render_sample(data, cache.view(i), cache.teacher))
     live = reference_maps(reg_teacher.timm_model(), torch.stack(xs), [0, 1], "logits")
     torch.testing.assert_close(cache.read_rows(list(range(16))), live, rtol=1e-5, atol=1e-5)
     assert keys[0] == "circle/0000.png" and cache[0].label == 0 and cache[15].label == 3
@@ -116,7 +116,7 @@ def _sd_sha256(path: Path) -> str:
 
 def test_manifest_fields(folder_fp16_zarr, tiny_teacher, image_folder):
     m = json.loads((folder_fp16_zarr / "manifest.json").read_text())
-    assert (m["format"], m["version"]) == ("attncache", 4)
+    assert (m["format"], m["version"]) == ("attncache", 5)
     t = m["teacher"]
     assert t["model"] == "vit_tiny_patch16_224"
     assert (t["depth"], t["num_heads"], t["embed_dim"], t["patch_size"], t["image_size"]) == (2, 4, 64, 8, 32)
@@ -145,7 +145,8 @@ def test_manifest_fields(folder_fp16_zarr, tiny_teacher, image_folder):
         h.update(f"{k}\t{hashlib.sha256((image_folder / k).read_bytes()).hexdigest()}\n".encode())
     d = m["dataset"]
     assert d["fingerprint"] == h.hexdigest() and d["num_samples"] == 6 and d["classes"] == ["ant", "bee", "cat"]
-    samples = [json.loads(x) for x in (folder_fp16_zarr / "samples.jsonl").read_text().splitlines()]
+    cache = open_cache(str(folder_fp16_zarr))
+    samples = [cache.sample_at(i) for i in range(cache.num_samples)]
     assert [s["key"] for s in samples] == keys
     assert [(s["width"], s["height"]) for s in samples] == [
         next(size for c, n, size, *_ in FOLDER_IMAGES if f"{c}/{n}" == k) for k in keys]
@@ -429,7 +430,7 @@ def test_limit_and_flat_folder(tmp_path, tiny_teacher):
     m = extract(tiny_teacher.config(flat, tmp_path / "out", limit=2, layers="0"))
     cache = open_cache(str(tmp_path / "out"))
     assert m["dataset"]["num_samples"] == 2 and m["dataset"]["classes"] == []
-    assert [(s["key"], s["label"]) for s in cache.samples] == [("0.png", -1), ("1.png", -1)]
+    assert [(s["key"], s["label"]) for s in map(cache.sample_at, range(2))] == [("0.png", -1), ("1.png", -1)]
     assert np.isfinite(cache.read_rows([0, 1]).numpy()).all()
 
 
@@ -541,3 +542,38 @@ def test_shard_compression_leaves_a_cpu_teacher_its_cores(monkeypatch, tiny_teac
     assert len(shards) == 3
     for rel in shards:
         assert (tmp_path / "full" / rel).read_bytes() == (tmp_path / "free" / rel).read_bytes()
+
+
+def test_a_killed_scan_resumes_from_its_log(tmp_path, tiny_teacher, image_folder, monkeypatch):
+    """Interrupted during the scan (before the claim): the re-run hashes only the images the log does not hold,
+    and `--out` holding just the log is still free for it."""
+    from attncache.extract import plan as plans
+    from attncache.sources import base
+
+    monkeypatch.setattr(plans, "SCAN_LOG_EVERY", 2)
+    real_logger = plans.scan_logger
+
+    def interrupting_logger(out):
+        log = real_logger(out)
+
+        def once(samples, stamps):
+            log(samples, stamps)
+            raise KeyboardInterrupt  # as Ctrl-C right after the first 2 images were logged
+
+        return once
+
+    monkeypatch.setattr(plans, "scan_logger", interrupting_logger)
+    out = tmp_path / "c"
+    with pytest.raises(KeyboardInterrupt):
+        extract(tiny_teacher.config(image_folder, out))
+    assert [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()] == [".progress/scan.jsonl"]
+    assert len((out / ".progress/scan.jsonl").read_text().splitlines()) == 2
+    monkeypatch.setattr(plans, "scan_logger", real_logger)
+    hashed = []
+    real_describe = base.describe_image
+    monkeypatch.setattr(base, "describe_image",
+                        lambda data, key, *a: hashed.append(key) or real_describe(data, key, *a))
+    resumed = extract(tiny_teacher.config(image_folder, out))
+    assert len(hashed) == 6 - 2
+    straight = extract(tiny_teacher.config(image_folder, tmp_path / "straight"))
+    assert resumed["dataset"] == straight["dataset"] and resumed["files"] == straight["files"]

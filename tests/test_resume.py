@@ -21,6 +21,7 @@ import torch
 from conftest import TinyTeacher, _save_teacher
 
 from attncache import open_cache
+from attncache.store.records import TABLES
 from attncache.train import TrainConfig, train
 from attncache.train.checkpoint import CHECKPOINT
 
@@ -248,7 +249,8 @@ def extract_args(teacher: TinyTeacher, out: Path, fmt: str) -> list[str]:
 def cache_contents(root: Path) -> tuple[dict, torch.Tensor, list, list]:
     cache = open_cache(str(root))
     manifest = {k: v for k, v in cache.manifest.items() if k not in ("created_at", "content_sha256")}
-    return manifest, cache.read_rows(list(range(len(cache)))), cache.samples, cache.views
+    tables = [(root / name).read_bytes() for name in TABLES]  # byte for byte, and as read:
+    return manifest, cache.read_rows(list(range(len(cache)))), tables, [cache.view_json(r) for r in range(len(cache))]
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "wds"])

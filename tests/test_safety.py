@@ -7,12 +7,14 @@ import hashlib
 import io
 import json
 import re
+import shutil
 import tarfile
 from pathlib import Path
 
 import google_crc32c
 import pytest
 import torch
+from conftest import as_version_4
 
 from attncache import AttncacheError, CacheFormatError, open_cache
 from attncache.store.format import seal, validate_manifest
@@ -59,7 +61,7 @@ def _tamper(m: dict, what: str) -> dict:
     elif what == "sha":
         shard0["sha256"] = "not-a-hash"
     elif what == "samples_path":
-        m["files"]["samples.jsonl"]["path"] = "views.jsonl"
+        m["files"]["samples.bin"]["path"] = "views.bin"
     elif what == "bool_as_int":
         m["dataset"]["num_samples"] = True
     return m
@@ -111,11 +113,20 @@ def test_verify_detects_a_flipped_byte_and_names_the_file(request, fmt):
         verify_cache(str(root))
 
 
-def test_verify_detects_edited_index_files(wds_copy):
-    views = wds_copy / "views.jsonl"
+def test_verify_detects_edited_index_files(wds_copy, tmp_path):
+    legacy = tmp_path / "v4"
+    shutil.copytree(wds_copy, legacy)
+    as_version_4(legacy)
+    views = legacy / "views.jsonl"
     views.write_text(views.read_text().replace('"flip":false', '"flip":true', 1))
     with pytest.raises(CacheFormatError, match="views.jsonl"):
-        verify_cache(str(wds_copy))
+        verify_cache(str(legacy))
+    table = bytearray((wds_copy / "views.bin").read_bytes())
+    table[3] ^= 1
+    (wds_copy / "views.bin").write_bytes(bytes(table))
+    for quick in (True, False):
+        with pytest.raises(CacheFormatError, match="views.bin"):
+            verify_cache(str(wds_copy), quick=quick)
 
 
 def _rewrite_member(tar_path: Path, name: str, edit) -> None:
@@ -289,7 +300,7 @@ def test_pickled_payloads_are_never_unpickled(zarr_copy, wds_copy, canary, tmp_p
     _rewrite_member(wds_copy / "shards/shard-000001.tar", "0000000005.maps", lambda d: npy.getvalue())
     for rel in ("shards/shard-000000.tar", "shards/shard-000001.tar"):
         _agree(wds_copy, rel)
-    (wds_copy / "samples.jsonl").write_bytes(evil + b"\n")
+    (wds_copy / "samples.bin").write_bytes(evil)
     for root in (zarr_copy, wds_copy):
         errors = _read_everything(root, image_folder, tmp_path / root.name)
         assert len(errors) == 3, errors
@@ -398,7 +409,7 @@ def test_every_malformed_manifest_field_gets_the_one_line_error(request, fmt):
                 cache = open_cache(str(root))
                 cache.summary()
                 cache.read_rows([0, len(cache) - 1])
-                _ = cache.samples, cache.views
+                cache.check_records()
             except CacheFormatError as exc:
                 assert "\n" not in str(exc) and len(str(exc)) < 600, str(exc)
                 refused += 1

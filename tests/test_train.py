@@ -168,9 +168,10 @@ def test_eval_and_ensemble(tmp_path, tiny_teacher, image_folder, folder_fp32_zar
     result = evaluate_run(str(tmp_path / "scratch"), ensemble_with=str(tmp_path / "ft"))
 
     cache = open_cache(str(val_fp32))
-    x = torch.stack([render_sample((image_folder / s["key"]).read_bytes(), cache.views[i], cache.teacher)
-                     for i, s in enumerate(cache.samples)])
-    labels = torch.tensor([s["label"] for s in cache.samples])
+    samples = [cache.sample_at(i) for i in range(cache.num_samples)]
+    x = torch.stack([render_sample((image_folder / s["key"]).read_bytes(), cache.view(i), cache.teacher)
+                     for i, s in enumerate(samples)])
+    labels = torch.tensor([s["label"] for s in samples])
     probs = {}
     for name in ("scratch", "ft"):
         model = timm.create_model(tiny_teacher.name, num_classes=3, img_size=32, **tiny_teacher.args).eval()
@@ -306,7 +307,7 @@ def test_finetune_without_weights_fails_at_once(tmp_path, tiny_teacher, image_fo
 
 @pytest.mark.parametrize("umask", [0o022, 0o002])
 def test_files_honour_the_umask(tmp_path, tiny_teacher, image_folder, umask):
-    """Regression: manifest.json, samples.jsonl, views.jsonl (and checkpoints) were written 0600, so a cache
+    """Regression: manifest.json, the index files (and checkpoints) were written 0600, so a cache
     meant for sharing was unreadable by the group. Every file gets 0666 minus the umask, as any file a user
     creates."""
     import os
@@ -325,7 +326,7 @@ def test_files_honour_the_umask(tmp_path, tiny_teacher, image_folder, umask):
         os.umask(monkey_umask)
         files._umask = None
     paths = [p for root in (cache, run) for p in root.rglob("*") if p.is_file()]
-    assert {p.name for p in paths} >= {"manifest.json", "samples.jsonl", "views.jsonl", "shard-000000.tar",
+    assert {p.name for p in paths} >= {"manifest.json", "samples.bin", "views.bin", "shard-000000.tar",
                                        "config.json", "metrics.jsonl", "last.pt", "model.safetensors",
                                        "results.json"}
     for p in paths:

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from attncache import open_cache
 from attncache.errors import AttncacheError
 from attncache.views import View, ViewPolicy, center_crop_view, render
 
@@ -119,7 +120,6 @@ def test_train_view_follows_documented_seeding():
 def test_views_survive_dataset_reordering(tmp_path, tiny_teacher):
     """Two extractions over folders listing the same images in a different order (and with an extra class in
     front, which shifts every index and label) store the same views for every common key."""
-    import json
 
     from conftest import make_image_folder
 
@@ -132,9 +132,9 @@ def test_views_survive_dataset_reordering(tmp_path, tiny_teacher):
     for name, folder in (("one", one), ("two", two)):
         out = tmp_path / f"cache_{name}"
         extract(tiny_teacher.config(folder, out, views=2, seed=5, layers="0"))
-        samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
-        rows = [json.loads(x) for x in (out / "views.jsonl").read_text().splitlines()]
-        views[name] = {(samples[r["sample"]]["key"], r["view"]): (r["box"], r["flip"]) for r in rows}
+        cache = open_cache(str(out))
+        rows = [cache.view_json(r) for r in range(len(cache))]
+        views[name] = {(r["image"]["key"], r["view"]): (r["box"], r["flip"]) for r in rows}
     assert len(views["one"]) == 4 and len(views["two"]) == 6
     for key, view in views["one"].items():
         assert views["two"][key] == view

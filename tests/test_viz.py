@@ -82,7 +82,7 @@ def test_viz_of_a_cache_with_some_layers_draws_the_layers_it_holds(tmp_path, tin
     default = Image.open(visualize(tmp_path / "default.png", cache=str(cache), data=str(image_folder)))
     explicit = Image.open(visualize(tmp_path / "explicit.png", cache=str(cache), data=str(image_folder), layers="1"))
     assert default.tobytes() == explicit.tobytes()  # layer 1, the only one held
-    item = open_cache(str(cache))[open_cache(str(cache)).samples[0]["key"], 0]
+    item = open_cache(str(cache))[open_cache(str(cache)).sample_at(0)["key"], 0]
     assert item.maps.shape[0] == 1
     with pytest.raises(AttncacheError, match=r"holds layers \[1\], not \[0\]"):
         visualize(tmp_path / "x.png", cache=str(cache), data=str(image_folder), layers="0")

@@ -22,7 +22,7 @@ from ..codecs.inputs_klt import basis_bytes, fit_basis, load_basis
 from ..device import parse_device
 from ..distributed import World
 from ..errors import AttncacheError
-from ..files import atomic_write_bytes, dumps_canonical, read_json
+from ..files import atomic_write_bytes, read_json
 from ..rundir import FINISHED
 from ..sources import open_source
 from ..store import WRITERS
@@ -33,12 +33,11 @@ from ..store.format import (
     MANIFEST,
     PLAN,
     PROJECTIONS,
-    SAMPLES,
-    VIEWS,
     dataset_fingerprint,
     sample_and_view,
 )
 from ..store.fs import is_url
+from ..store.records import Layout, write_tables
 from ..teacher import AttentionCapture, parse_layers
 from ..teacher.projections import from_model, projections_bytes
 from ..views import View, ViewPolicy
@@ -96,29 +95,32 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, s
         _log(cfg, f"{out}: finished cache of this plan, nothing to do (`attncache verify` re-hashes it)")
         return done
 
+    # One rank hashes and decodes every image and writes the record tables; the others read them from the disk
+    # once the plan is claimed (the cache's own files, not a copy of every sample in every rank's memory).
     samples = None
-    if world.is_main:  # one rank hashes and decodes every image; the others get its result
+    if world.is_main:  # what it hashes is logged as it goes: a killed scan resumes where it stopped
         _log(cfg, f"scanning {source.description} ({len(entries)} images) ...")
-        samples = [s.to_json() for s in source.scan(cfg.workers, plans.load_scan(out))]
-    samples = world.broadcast(samples)
-    views = policy.views(samples, spec.image_size, mean=spec.mean, interpolation=spec.interpolation,
-                         depth=spec.depth)
-    samples_bytes = b"".join(dumps_canonical(s) + b"\n" for s in samples)
-    views_bytes = b"".join(dumps_canonical(_view_record(r, len(samples), views[r])) + b"\n" for r in range(records))
-    index_files = {SAMPLES: samples_bytes, VIEWS: views_bytes}
+        scanned = source.scan(cfg.workers, plans.load_scan(out), on_progress=plans.scan_logger(out),
+                              every=plans.SCAN_LOG_EVERY)
+        samples = [s.to_json() for s in scanned]
+        del scanned
+    index_files = {}
     if codec.needs_projections:  # the cache carries what decoding needs (teacher/projections.py)
         index_files[PROJECTIONS] = projections_bytes(model, layers)
-    work = Work(out, spec, source, samples, views, per_shard, records, cfg.embed_images)
+    drawn = DrawnViews(policy, samples, spec) if world.is_main else None
     if codec.needs_basis:  # fitted once on calibration views, before any shard is coded in it
-        index_files[BASIS] = _basis(cfg, out, head, work, codec, model, layers, payload, device, world)
+        fit_work = Work(out, spec, source, samples, drawn, per_shard, records, cfg.embed_images)
+        index_files[BASIS] = _basis(cfg, out, head, fit_work, codec, model, layers, payload, device, world)
         codec.bind_basis(load_basis(index_files[BASIS], len(layers), spec.embed_dim, BASIS))
-    plan = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,  # per-chunk checksums and a sealed manifest, whatever the views need
-        **head,
-        "dataset": {**dataset_head, "fingerprint": dataset_fingerprint(samples)},
-        "files": {name: plans.index_file_entry(name, data) for name, data in index_files.items()},
-    }
+    plan = None
+    if world.is_main:
+        plan = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,  # per-chunk checksums, a sealed manifest and record tables
+            **head,
+            "dataset": {**dataset_head, "fingerprint": dataset_fingerprint(samples)},
+            "files": {name: plans.index_file_entry(name, data) for name, data in index_files.items()},
+        }
     part = cfg.num_shards > 1  # one of several independent jobs (a SLURM array): claim, write, leave the rest
     run_dir = plans.cache_dir(out)
     with run_dir:
@@ -133,6 +135,9 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, s
                 plans.save_scan(out, samples, [e.stamp for e in entries])
                 for name, data in index_files.items():
                     atomic_write_bytes(out / name, data)
+                if not plans.tables_done(out, cfg.repair):
+                    _log(cfg, f"writing the record tables ({records} views) ...")
+                    plans.write_tables_marker(out, write_tables(out, samples, drawn, Layout.of(plan)))
                 writer = WRITERS[cfg.format](out, fields, codec.compressor(), records, per_shard, cfg.embed_images)
             except AttncacheError as exc:
                 error = str(exc)
@@ -144,6 +149,10 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, s
             raise AttncacheError(error)
         if writer is None:
             writer = WRITERS[cfg.format](out, fields, codec.compressor(), records, per_shard, cfg.embed_images)
+        del samples, drawn, entries  # from here on every rank reads the samples and views from the tables
+        tables = plans.open_tables(out)
+        work = Work(out, spec, source, tables.samples_seq(), tables.views_seq(), per_shard, records,
+                    cfg.embed_images)
         shards = plans.num_shards(records, per_shard)
         mine = plans.shards_of(shards, cfg.num_shards * world.size, cfg.shard_index * world.size + world.rank)
         pending = [s for s in mine if not plans.shard_done(out, s, writer.shard_paths(s), cfg.repair)]
@@ -236,9 +245,23 @@ def merge(out: str | Path) -> dict:
         return plans.finish(out)
 
 
-def _view_record(row: int, num_samples: int, view: View) -> dict:
-    sample_index, view_index = sample_and_view(row, num_samples)
-    return {"sample": sample_index, "view": view_index, **view.to_json()}
+class DrawnViews:
+    """Every record's view in row order, drawn when asked for (a pure function of the policy and the samples):
+    what the tables are written from, and the calibration views of a fitted basis."""
+
+    def __init__(self, policy: ViewPolicy, samples: list[dict], spec):
+        self.policy, self.samples, self.spec = policy, samples, spec
+
+    def __len__(self) -> int:
+        return len(self.samples) * self.policy.views_per_image
+
+    def __getitem__(self, row: int) -> View:
+        index, view = sample_and_view(row, len(self.samples))
+        return self.policy.view(self.samples, index, view, self.spec.image_size, mean=self.spec.mean,
+                                interpolation=self.spec.interpolation, depth=self.spec.depth)
+
+    def __iter__(self):
+        return (self[row] for row in range(len(self)))
 
 
 def _log(cfg: ExtractConfig, msg: str) -> None:

@@ -125,7 +125,8 @@ def _capture_batch(work: Work, batch: list, capture: AttentionCapture, device: t
         return capture(x)
 
 
-def _autocast(device: torch.device, amp: bool):
+def teacher_autocast(device: torch.device, amp: bool):
+    """What `--amp` runs the teacher under: bf16 autocast on CUDA (the capture still forms maps in fp32)."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" \
         else contextlib.nullcontext()
 
@@ -137,7 +138,8 @@ def capture_rows(work: Work, rows: list[int], capture: AttentionCapture, *, batc
     with ThreadPoolExecutor(workers) as pool:
         rendered = list(_rendered_rows(work, rows, pool, 4 * batch_size))
         for i in range(0, len(rendered), batch_size):
-            out.append(_capture_batch(work, rendered[i:i + batch_size], capture, device, _autocast(device, amp)).cpu())
+            batch = rendered[i:i + batch_size]
+            out.append(_capture_batch(work, batch, capture, device, teacher_autocast(device, amp)).cpu())
     return torch.cat(out)
 
 
@@ -161,7 +163,7 @@ def run_pipeline(work: Work, pending: list[int], capture: AttentionCapture, code
     writer_thread = ShardWriterThread(writer, work.out, on_shard)
     writer_thread.start()
     buffers: dict[int, list] = {}
-    autocast = _autocast(device, amp)
+    autocast = teacher_autocast(device, amp)
 
     def flush(batch):
         captured = _capture_batch(work, batch, capture, device, autocast)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -35,10 +36,14 @@ from ..store.format import (
     shard_paths,
     validate_manifest,
 )
+from ..store.fs import CacheFS
+from ..store.records import TABLES, RecordTables
 
 TARGET_SHARD_BYTES = 256 << 20  # raw bytes per shard before compression; webdataset's usual 100 MB-1 GB range
 PLAN_STORE_KEYS = ("format", "records", "records_per_shard", "embed_images")
 SCAN = f"{PROGRESS_DIR}/scan.jsonl"
+SCAN_LOG_EVERY = 10_000  # images hashed between two appends to the scan log
+TABLES_MARKER = f"{PROGRESS_DIR}/tables.json"  # the record tables' entries, once they are durable
 
 
 def default_records_per_shard(record_bytes: int) -> int:
@@ -56,6 +61,8 @@ def plan_differences(old: dict, new: dict) -> list[str]:
         a, b = old.get(key), new[key]
         if key == "store" and isinstance(a, dict):
             a = {k: a.get(k) for k in PLAN_STORE_KEYS}
+        if key == "files" and isinstance(a, dict) and isinstance(b, dict):  # the tables join at finish()
+            a = {k: a.get(k) for k in b}
         if dumps_canonical(a) != dumps_canonical(b):
             out.append(key)
     derived = ("files", "version")  # follow from the views and the images: named only when nothing else differs
@@ -77,20 +84,20 @@ def _discard(out: Path, old_plan: dict) -> None:
     for name in (PROGRESS_DIR, WDS_SHARD_DIR, *[n for n in fields if isinstance(n, str) and n.isidentifier()]):
         if (out / name).is_dir() and not (out / name).is_symlink():
             shutil.rmtree(out / name)
-    for name in (SAMPLES, VIEWS, PROJECTIONS, BASIS, "zarr.json"):
+    for name in (SAMPLES, VIEWS, *TABLES, PROJECTIONS, BASIS, "zarr.json"):
         (out / name).unlink(missing_ok=True)
 
 
 def cache_dir(out: str | Path) -> RunDir:
     return RunDir(out, kind="cache", plan_file=PLAN, done_file=MANIFEST, started=_started,
-                  recorded_plan=_recorded_plan, differences=plan_differences, discard=_discard)
+                  recorded_plan=_recorded_plan, differences=plan_differences, discard=_discard, unclaimed=(SCAN,))
 
 
 def check_out_is_free(out: Path) -> None:
     """The cheap part of the directory check, before the teacher is built."""
     if out.exists() and not out.is_dir():
         raise AttncacheError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not cache_dir(out).is_ours():
+    if out.is_dir() and not cache_dir(out).is_free() and not cache_dir(out).is_ours():
         raise AttncacheError(f"--out {out}: not empty and holds no attncache cache; choose an empty or new "
                              "directory")
 
@@ -109,14 +116,27 @@ def finished_unchanged(out: Path, head: dict, dataset: dict, keys: list[str]) ->
         return None
     try:
         manifest = parse_manifest((out / MANIFEST).read_bytes())
-        recorded = [s["key"] for s in parse_jsonl((out / SAMPLES).read_bytes(), SAMPLES)]
+        if plan_differences(manifest, head) or {k: manifest["dataset"].get(k) for k in dataset} != dataset:
+            return None
+        if not all(_size_matches(out, f) for f in named_files(manifest)):
+            return None
+        return manifest if _recorded_keys_are(out, manifest, keys) else None
     except (OSError, AttncacheError, KeyError, TypeError):
         return None
-    if plan_differences(manifest, head) or {k: manifest["dataset"].get(k) for k in dataset} != dataset:
-        return None
-    if recorded != keys:
-        return None
-    return manifest if all(_size_matches(out, f) for f in named_files(manifest)) else None
+
+
+def _recorded_keys_are(out: Path, manifest: dict, keys: list[str]) -> bool:
+    """Does the finished cache hold exactly these keys, in this order (read a chunk at a time)?"""
+    if len(keys) != manifest["dataset"]["num_samples"]:
+        return False
+    if manifest["version"] < 5:
+        return [s["key"] for s in parse_jsonl((out / SAMPLES).read_bytes(), SAMPLES)] == keys
+    start = 0
+    for chunk in RecordTables.open(CacheFS(out), manifest).iter_keys():
+        if chunk != keys[start:start + len(chunk)]:
+            return False
+        start += len(chunk)
+    return True
 
 
 def recorded_index_file(out: Path, head: dict, name: str) -> bytes | None:
@@ -142,7 +162,47 @@ def reopen_finished(out: Path) -> None:
         marker = marker_path(out, shard["index"])
         if not marker.exists():
             atomic_write_json(marker, {"files": shard["files"]})
+    tables = {name: manifest["files"][name] for name in TABLES if name in manifest["files"]}
+    if tables and not (out / TABLES_MARKER).exists():
+        atomic_write_json(out / TABLES_MARKER, tables)
     (out / MANIFEST).unlink()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the record tables (written once per plan by the main process, then read by every rank)
+
+
+def write_tables_marker(out: Path, entries: dict[str, dict]) -> None:
+    atomic_write_json(out / TABLES_MARKER, {name: {**entry, "mtime_ns": (out / name).stat().st_mtime_ns}
+                                            for name, entry in entries.items()})
+
+
+def _tables_marker(out: Path) -> dict[str, dict] | None:
+    try:
+        entries = read_json(out / TABLES_MARKER)
+    except (OSError, StrictJSONError):
+        return None
+    return entries if isinstance(entries, dict) and sorted(entries) == sorted(TABLES) else None
+
+
+def tables_done(out: Path, full: bool = False) -> bool:
+    """Are the tables of this plan durable and intact (size and mtime; with `full`, sha256)?"""
+    entries = _tables_marker(out)
+    return entries is not None and all(_intact(out, e, full) for e in entries.values())
+
+
+def table_entries(out: Path) -> dict[str, dict]:
+    """The tables' manifest entries (without the resume-only mtime)."""
+    entries = _tables_marker(out)
+    if entries is None:
+        raise AttncacheError(f"{out}: the record tables of this extraction are not written ({TABLES_MARKER})")
+    return {name: {k: v for k, v in e.items() if k != "mtime_ns"} for name, e in entries.items()}
+
+
+def open_tables(out: Path) -> RecordTables:
+    """The tables of the extraction in progress in `out`, read like a finished cache's."""
+    plan = read_json(out / PLAN)
+    return RecordTables.open(CacheFS(out), {**plan, "files": {**plan["files"], **table_entries(out)}})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -226,6 +286,7 @@ def finish(out: Path, required: bool = True) -> dict | None:
                              "re-run the extraction job(s) that own them (they resume), then merge")
     manifest = {
         **plan,
+        "files": {**plan["files"], **(table_entries(out) if plan["version"] >= 5 else {})},
         "created_by": f"attncache {__version__}",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "store": {**store, "shards": [shard_entry(out, i, per_shard, records) for i in range(shards)],
@@ -244,10 +305,31 @@ def finish(out: Path, required: bool = True) -> dict | None:
 
 
 def load_scan(out: Path) -> dict[str, dict]:
+    """An earlier scan's records by key (a killed scan's log: its lines up to the last whole one)."""
     try:
-        return {r["key"]: r for r in parse_jsonl((out / SCAN).read_bytes(), SCAN)}
+        data = (out / SCAN).read_bytes()
+        return {r["key"]: r for r in parse_jsonl(data[:data.rfind(b"\n") + 1], SCAN)}
     except (OSError, AttncacheError, KeyError, TypeError):
         return {}
+
+
+def scan_logger(out: Path):
+    """Where a scan in progress records what it has hashed, so a killed scan resumes (None: `out` is not ours to
+    write yet, e.g. it holds something else; that is an error later, at the claim). Appends, never rewrites:
+    a kill leaves whole lines and at most one torn last line, which `load_scan` drops."""
+    if not (cache_dir(out).is_free() or cache_dir(out).is_ours()):
+        return None
+
+    def log(samples, stamps) -> None:
+        (out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
+        lines = b"".join(dumps_canonical({**s.to_json(), "stamp": st}) + b"\n" for s, st in zip(samples, stamps,
+                                                                                                  strict=True))
+        with open(out / SCAN, "ab") as f:
+            f.write(lines)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return log
 
 
 def save_scan(out: Path, samples: list[dict], stamps: list[str | None]) -> None:

@@ -103,9 +103,11 @@ class Source:
             self._keys = {e.key: i for i, e in enumerate(self.entries())}
         return self._keys
 
-    def scan(self, workers: int = 4, known: dict[str, dict] | None = None) -> list[Sample]:
+    def scan(self, workers: int = 4, known: dict[str, dict] | None = None, on_progress=None,
+             every: int = 10_000) -> list[Sample]:
         """Every sample hashed and decoded, in listing order. `known` maps key -> an earlier scan's record
-        (`Sample.to_json()` plus `stamp`): reused where the stamp still matches."""
+        (`Sample.to_json()` plus `stamp`): reused where the stamp still matches. `on_progress(samples, stamps)`
+        gets each next `every` newly hashed samples (and the last few), so a killed scan can resume."""
         entries = self.entries()
         known = known or {}
 
@@ -116,5 +118,16 @@ class Source:
                 return Sample(e.key, e.label, old["sha256"], old["width"], old["height"])
             return describe_image(self.read_index(i), e.key, e.label, self.where(e.key))
 
+        out, fresh = [], []
         with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes and hashlib hashes without the GIL
-            return list(pool.map(one, range(len(entries))))
+            for i, sample in enumerate(pool.map(one, range(len(entries)))):
+                out.append(sample)
+                old = known.get(sample.key)
+                if on_progress is not None and not (old is not None and old.get("stamp") == entries[i].stamp):
+                    fresh.append(i)
+                    if len(fresh) >= every:
+                        on_progress([out[j] for j in fresh], [entries[j].stamp for j in fresh])
+                        fresh = []
+        if on_progress is not None and fresh:
+            on_progress([out[j] for j in fresh], [entries[j].stamp for j in fresh])
+        return out

@@ -14,16 +14,25 @@ class FolderSource(Source):
         if not self.root.is_dir():
             raise AttncacheError(f"--data {root}: no such directory")
         self.description = f"folder:{self.root.name}"
-        subdirs = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        self.classes = subdirs
-        if subdirs:
-            files = [(f"{c}/{f.name}", i) for i, c in enumerate(subdirs) for f in sorted((self.root / c).iterdir())
-                     if f.suffix.lower() in IMAGE_EXTENSIONS]
-        else:
-            files = [(f.name, -1) for f in sorted(self.root.iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS]
-        if not files:
-            raise AttncacheError(f"--data {root}: no images found ({', '.join(IMAGE_EXTENSIONS)})")
-        self._files = files[:limit]
+        self.limit = limit
+        self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        self._listing: list[tuple[str, int]] | None = None  # listed when first needed: reading by key needs none
+
+    def __getstate__(self):  # a loader worker reads by key: it gets no copy of the listing
+        return {**self.__dict__, "_listing": None}
+
+    @property
+    def _files(self) -> list[tuple[str, int]]:
+        if self._listing is None:
+            if self.classes:
+                files = [(f"{c}/{f.name}", i) for i, c in enumerate(self.classes)
+                         for f in sorted((self.root / c).iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS]
+            else:
+                files = [(f.name, -1) for f in sorted(self.root.iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS]
+            if not files:
+                raise AttncacheError(f"--data {self.root}: no images found ({', '.join(IMAGE_EXTENSIONS)})")
+            self._listing = files[:self.limit]
+        return self._listing
 
     def entries(self) -> list[Entry]:
         return [Entry(key, label, self._stamp(key)) for key, label in self._files]

@@ -1,7 +1,9 @@
 """WebDataset image shards: `<key>.jpg` (or png, webp, ...) with an optional `<key>.cls` label, local or by URL.
 
-The source keeps an index of where each image lies (shard, member offset, size), not the images: it is small
-enough to hand to every DataLoader worker, and each worker reads the images it needs by offset. Shards read
+The source keeps an index of where each image lies (shard, member offset, size), not the images: numpy arrays of
+about 40 bytes per image plus the keys, with a table of key hashes for lookups by key (no dict, no Python object per
+image). A DataLoader worker gets it through a memory-mapped file written once by the process that built it (the
+pages are shared, not copied per worker), and reads the images it needs by offset. Shards read
 through a `pipe:` command have no random access: they serve extraction (one sequential pass) but not training by
 key (extract such data with --embed-images, and the cache carries the images).
 """
@@ -11,8 +13,10 @@ from __future__ import annotations
 import re
 import tarfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import fsspec
+import numpy as np
 from braceexpand import braceexpand
 
 from ..errors import AttncacheError
@@ -33,6 +37,58 @@ class _Member:
     size: int
 
 
+MEMBER_DTYPE = np.dtype([("shard", "<u4"), ("offset", "<u8"), ("size", "<u8"), ("label", "<i8"),
+                         ("key_offset", "<u8"), ("key_bytes", "<u4")])
+
+
+class MemberIndex:
+    """Where each listed image lies, as arrays: `members` (MEMBER_DTYPE), `keys` (the keys' UTF-8 bytes back to
+    back) and `by_hash` (the cache format's key-index rows: members sorted by a hash of their key)."""
+
+    def __init__(self, members: np.ndarray, keys: np.ndarray, by_hash: np.ndarray):
+        self.members, self.keys, self.by_hash = members, keys, by_hash
+
+    @classmethod
+    def build(cls, members: list[_Member]) -> MemberIndex:
+        from ..store.records import key_index_rows
+
+        encoded = [m.key.encode() for m in members]
+        rows = np.zeros(len(members), MEMBER_DTYPE)
+        for name in ("shard", "offset", "size", "label"):
+            rows[name] = [getattr(m, name) for m in members]
+        rows["key_bytes"] = [len(k) for k in encoded]
+        rows["key_offset"] = np.cumsum(rows["key_bytes"]) - rows["key_bytes"]
+        return cls(rows, np.frombuffer(b"".join(encoded), np.uint8), key_index_rows([m.key for m in members]))
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def key(self, i: int) -> str:
+        start = int(self.members["key_offset"][i])
+        return self.keys[start:start + int(self.members["key_bytes"][i])].tobytes().decode()
+
+    def find(self, key: str) -> int | None:
+        from ..store.records import key_hash
+
+        h = np.uint64(key_hash(key))
+        at = int(np.searchsorted(self.by_hash["hash"], h))
+        while at < len(self.by_hash) and self.by_hash["hash"][at] == h:
+            i = int(self.by_hash["sample"][at])
+            if self.key(i) == key:
+                return i
+            at += 1
+        return None
+
+    def save(self, folder: Path) -> None:
+        for name in ("members", "keys", "by_hash"):
+            np.save(folder / f"{name}.npy", getattr(self, name), allow_pickle=False)
+
+    @classmethod
+    def load(cls, folder: Path) -> MemberIndex:
+        return cls(*(np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+                     for name in ("members", "keys", "by_hash")))
+
+
 class WebDatasetSource(Source):
     def __init__(self, urls: str, limit: int | None = None):
         self.urls, self.limit = urls, limit
@@ -40,29 +96,61 @@ class WebDatasetSource(Source):
         self.description = f"webdataset:{urls}"
         self.classes = []
         self.streamed = any(u.startswith("pipe:") for u in self.shards)
-        self._members: list[_Member] | None = None
+        self._members: MemberIndex | None = None
+        self._shared: str | None = None  # the folder the index was saved in for this process's workers
         self._files: dict[int, object] = {}  # open shard files of this process (never pickled)
 
     def __getstate__(self):
-        return {**self.__dict__, "_files": {}}
+        state = {**self.__dict__, "_files": {}, "_members": None}
+        if self._members is not None:
+            state["_shared"] = self._share()
+        return state
+
+    def _share(self) -> str:
+        """Save the index once, into a folder removed when this process exits, for workers to memory-map."""
+        if self._shared is None:
+            import atexit
+            import shutil
+            import tempfile
+
+            folder = tempfile.mkdtemp(prefix="attncache-wds-index-")
+            self._members.save(Path(folder))
+            atexit.register(shutil.rmtree, folder, True)
+            self._shared = folder
+        return self._shared
 
     def entries(self) -> list[Entry]:
-        return [Entry(m.key, m.label, f"{self.shards[m.shard]}:{m.offset}:{m.size}") for m in self._index()]
+        index = self._index()
+        m = index.members
+        return [Entry(index.key(i), int(m["label"][i]), f"{self.shards[m['shard'][i]]}:{m['offset'][i]}:{m['size'][i]}")
+                for i in range(len(index))]
 
     def where(self, key: str) -> str:
-        m = self._index()[self._key_index()[key]] if key in self._key_index() else None
-        return f"{self.shards[m.shard]}:{key}" if m else f"{self.description}:{key}"
+        i = self._index().find(key)
+        return f"{self.shards[self._index().members['shard'][i]]}:{key}" if i is not None \
+            else f"{self.description}:{key}"
+
+    def read_key(self, key: str) -> bytes:
+        index = self._index().find(key)
+        if index is None:
+            raise AttncacheError(f"image {key!r}: not found in {self.description}")
+        return self.read_index(index)
+
+    def missing_keys(self, keys) -> list[str]:
+        index = self._index()
+        return [k for k in keys if index.find(k) is None]
 
     def read_index(self, index: int) -> bytes:
         if self.streamed:
             raise AttncacheError(f"--data {self.urls}: a pipe: source has no random access to its images; "
                                  "extract with --format wds --embed-images so the cache carries them")
-        m = self._index()[index]
-        f = self._files.get(m.shard)
+        m = self._index().members[index]
+        shard = int(m["shard"])
+        f = self._files.get(shard)
         if f is None:
-            f = self._files[m.shard] = fsspec.open(self.shards[m.shard], "rb").open()
-        f.seek(m.offset)
-        return f.read(m.size)
+            f = self._files[shard] = fsspec.open(self.shards[shard], "rb").open()
+        f.seek(int(m["offset"]))
+        return f.read(int(m["size"]))
 
     def iter_bytes(self, indices):
         if not self.streamed:
@@ -79,7 +167,9 @@ class WebDatasetSource(Source):
 
     # -- listing ----------------------------------------------------------------------------------------------
 
-    def _index(self) -> list[_Member]:
+    def _index(self) -> MemberIndex:
+        if self._members is None and self._shared is not None:  # a worker: the main process's index, mapped
+            self._members = MemberIndex.load(Path(self._shared))
         if self._members is None:
             if self.streamed:
                 members = [_Member(key, label, 0, 0, 0) for (key, label), _ in self._stream(keep_bytes=False)]
@@ -89,7 +179,7 @@ class WebDatasetSource(Source):
                 members = members[:self.limit]
             if not members:
                 raise AttncacheError(f"--data {self.urls}: no samples")
-            self._members = members
+            self._members = MemberIndex.build(members)
         return self._members
 
     def _index_shard(self, shard: int) -> list[_Member]:

@@ -8,6 +8,7 @@ rules below, before any shard is read. Every violation is a CacheFormatError nam
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -17,19 +18,34 @@ from importlib import resources
 from ..codecs import get_codec
 from ..errors import AttncacheError, CacheFormatError
 from ..files import StrictJSONError, dumps_canonical, loads_strict
+from .records import KEYS_TABLE as KEYS
+from .records import (  # noqa: F401 - what a valid sample and view are: defined with the tables, used here too
+    MAX_IMAGE_SIDE,
+    MAX_KEY_BYTES,
+    MAX_KEY_CHARS,
+    TABLES,
+    check_view,
+    sample_problem,
+    table_dtypes,
+    table_entry_rows,
+)
+from .tables import table_bytes
 
 FORMAT_NAME = "attncache"
 # 2 adds the optional view field `resize` (timm's eval transform); 3 adds `augment`, `erase` and `mix` (and the
 # policy's `augment`); 4 adds a crc32c after every stored chunk and the manifest's `content_sha256` (a digest of the
 # manifest's own content, so an edited codec parameter or label count is caught, not decoded). Every cache is now
 # written as version 4; all four are read (1-3 without the per-chunk checks: `attncache verify` hashes them whole).
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+# 5 replaces samples.jsonl and views.jsonl by fixed-width tables read by row (records.py): a reader parses nothing
+# per record it does not read, and mixing partners are sample indices.
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
+TABLES_VERSION = 5
 DIGEST_FIELD = "content_sha256"
 
 MANIFEST = "manifest.json"
-SAMPLES = "samples.jsonl"  # one JSON object per image, in sample-index order
-VIEWS = "views.jsonl"  # one JSON object per record, in row order
+SAMPLES = "samples.jsonl"  # versions 1-4: one JSON object per image, in sample-index order
+VIEWS = "views.jsonl"  # versions 1-4: one JSON object per record, in row order
 PROJECTIONS = "teacher_qk.safetensors"  # codec `inputs`: the teacher's q/k projections of the captured layers
 BASIS = "inputs_basis.safetensors"  # codec `inputs_klt`: the basis fitted at extraction (codecs/inputs_klt.py)
 PROGRESS_DIR = ".progress"  # resume state of an unfinished extraction; never part of a finished cache
@@ -39,8 +55,7 @@ STORE_FORMATS = ("zarr", "wds")
 WDS_SHARD_DIR = "shards"
 
 MAX_MANIFEST_BYTES = 64 << 20
-MAX_KEY_CHARS = 1024
-MAX_IMAGE_SIDE = 1 << 20
+MAX_TABLE_BLOCK_BYTES = 16 << 20  # a reader holds a few blocks of each table
 # One record's decoded float32 maps (ViT-L/16, 24 layers at 224 px: 0.2 GB; DINOv2-g/14 at 518 px: 7.2 GB). A reader
 # allocates batch x this: a manifest may not declare more, whatever its other fields say.
 MAX_RECORD_MAP_BYTES = 8 << 30
@@ -122,7 +137,34 @@ def _validator():
     # JSON Schema's "integer" admits 1.0; a field we index or allocate with must be a real integer.
     checker = base.TYPE_CHECKER.redefine(
         "integer", lambda _, v: isinstance(v, int) and not isinstance(v, bool))
-    return jsonschema.validators.extend(base, type_checker=checker)(manifest_schema())
+    # The shard list (20,000 entries for ImageNet x 4 views) is checked by `_check_shard_entries` to the same
+    # rules: jsonschema takes ~0.4 ms per entry, 8 s for that list, and every reader process opens the manifest.
+    schema = copy.deepcopy(manifest_schema())
+    schema["properties"]["store"]["properties"]["shards"]["items"] = True
+    return jsonschema.validators.extend(base, type_checker=checker)(schema)
+
+
+SHARD_KEYS = frozenset(("index", "first_record", "records", "files"))
+FILE_KEYS = frozenset(("path", "bytes", "sha256"))
+MAX_FILE_BYTES = 1 << 50
+
+
+def _check_shard_entries(shards: list) -> None:
+    """What the schema says of `store.shards[i]` (see `_validator`), in a plain loop."""
+    def is_int(v, low, high) -> bool:
+        return type(v) is int and low <= v <= high
+
+    for i, shard in enumerate(shards):
+        ok = (type(shard) is dict and shard.keys() == SHARD_KEYS and is_int(shard["index"], 0, 1 << 62)
+              and is_int(shard["first_record"], 0, 1 << 62) and is_int(shard["records"], 1, 1 << 62)
+              and type(shard["files"]) is list and 1 <= len(shard["files"]) <= 8)
+        ok = ok and all(type(f) is dict and f.keys() == FILE_KEYS and type(f["path"]) is str
+                        and is_int(f["bytes"], 0, MAX_FILE_BYTES) and type(f["sha256"]) is str
+                        and len(f["sha256"]) == 64 and not f["sha256"].strip("0123456789abcdef")
+                        for f in shard["files"])
+        if not ok:
+            raise CacheFormatError(f"manifest: store.shards.{i}: expected {{index, first_record, records, files: "
+                                   "[{path, bytes, sha256}]}} with integers in range and sha256 hex digests")
 
 
 def parse_manifest(data: bytes) -> dict:
@@ -166,9 +208,11 @@ def validate_manifest(m: dict) -> dict:
              "views.scale and views.ratio must be [min, max]")
     _require("augment" not in m["views"] or (m["version"] >= 3 and m["views"]["split"] == "train"),
              "views.augment needs format version 3 and the train split")
+    _check_shard_entries(m["store"]["shards"])
     _check_store(m["store"], m["codec"]["fields"], n * k)
     for name in m["files"]:
         _require(m["files"][name]["path"] == name, f"files.{name}.path must be {name!r}")
+    _check_record_files(m)
     codec = get_codec(m["codec"]["name"], **m["codec"]["params"])
     _require((PROJECTIONS in m["files"]) == codec.needs_projections,
              f"files.{PROJECTIONS} must be there exactly when the codec decodes with the teacher's projections")
@@ -179,6 +223,44 @@ def validate_manifest(m: dict) -> dict:
     _require(DIGEST_FIELD not in m or m[DIGEST_FIELD] == content_digest(m),
              f"{DIGEST_FIELD} does not match the manifest's content (edited or damaged)")
     return m
+
+
+def uses_tables(m: dict) -> bool:
+    return m["version"] >= TABLES_VERSION
+
+
+def record_files(m: dict) -> tuple[str, ...]:
+    """The files that hold a cache's per-record metadata."""
+    return TABLES if uses_tables(m) else (SAMPLES, VIEWS)
+
+
+def _check_record_files(m: dict) -> None:
+    """Version 5: the four tables, each with the rows, block size and row width the format gives it, and the
+    file size that follows; versions 1-4: the two JSONL files, no table."""
+    names = set(record_files(m))
+    others = {SAMPLES, VIEWS} | set(table_entry_rows(m))
+    for name in others:
+        _require((name in m["files"]) == (name in names),
+                 f"files.{name}: {'required' if name in names else 'not part of'} format version {m['version']}")
+    for name, entry in m["files"].items():
+        _require(("table" in entry) == (name in names and name.endswith(".bin")),
+                 f"files.{name}.table: only the record tables of version {TABLES_VERSION} have one")
+    if not uses_tables(m):
+        return
+    dtypes, rows = table_dtypes(m), table_entry_rows(m)
+    heap = m["files"][KEYS]["table"]["rows"]
+    _require(m["dataset"]["num_samples"] <= heap <= m["dataset"]["num_samples"] * MAX_KEY_BYTES,
+             f"files.{KEYS}.table.rows: a key has 1..{MAX_KEY_BYTES} bytes")
+    for name in rows:
+        t = m["files"][name]["table"]
+        expected = rows[name] if rows[name] is not None else t["rows"]
+        _require(t["rows"] == expected, f"files.{name}.table.rows must be {expected}")
+        _require(t["row_bytes"] == dtypes[name].itemsize,
+                 f"files.{name}.table.row_bytes must be {dtypes[name].itemsize} (the format's row layout)")
+        _require(t["rows_per_block"] * t["row_bytes"] <= MAX_TABLE_BLOCK_BYTES,
+                 f"files.{name}.table: blocks of more than {MAX_TABLE_BLOCK_BYTES >> 20} MiB")
+        _require(m["files"][name]["bytes"] == table_bytes(t["rows"], t["rows_per_block"], t["row_bytes"]),
+                 f"files.{name}.bytes must be rows x row_bytes + 4 per block")
 
 
 def _check_teacher(t: dict) -> None:
@@ -276,7 +358,7 @@ def check_samples(samples: list, manifest: dict, where: str = SAMPLES) -> list[d
         raise CacheFormatError(f"{where}: {len(samples)} lines, manifest says {n}")
     keys = set()
     for i, s in enumerate(samples):
-        bad = _sample_problem(s, classes)
+        bad = sample_problem(s, classes)
         if bad:
             raise CacheFormatError(f"{where}: line {i + 1}: {bad}")
         if s["key"] in keys:
@@ -287,34 +369,14 @@ def check_samples(samples: list, manifest: dict, where: str = SAMPLES) -> list[d
     return samples
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _sample_problem(s, classes: list) -> str | None:
-    if not isinstance(s, dict) or set(s) != {"key", "label", "sha256", "width", "height"}:
-        return "expected the fields key, label, sha256, width, height"
-    if not isinstance(s["key"], str) or not 0 < len(s["key"]) <= MAX_KEY_CHARS:
-        return "key must be a non-empty string"
-    if not _is_int(s["label"]) or not -1 <= s["label"] < max(len(classes), 1 << 31):
-        return f"label {s['label']!r} invalid"
-    if classes and s["label"] >= len(classes):
-        return f"label {s['label']} outside the {len(classes)} classes"
-    if not isinstance(s["sha256"], str) or len(s["sha256"]) != 64 or s["sha256"].strip("0123456789abcdef"):
-        return "sha256 invalid"
-    if not all(_is_int(s[d]) and 1 <= s[d] <= MAX_IMAGE_SIDE for d in ("width", "height")):
-        return "width/height invalid"
-    return None
-
-
 def check_views(views: list, samples: list[dict], manifest: dict, where: str = VIEWS) -> list:
-    """Every line parses as a view of its record; every box lies inside what it cuts; a mixed view's partner is
-    a sample of this cache; no view needs a newer format version than the manifest states. Returns the parsed
-    `View` of every row (parsed once: the reader uses these)."""
+    """Versions 1-4: every line parses as a view of its record (see `check_view`). Returns the parsed `View` of
+    every row, mixing partners with their sample index."""
+    from dataclasses import replace
+
     from ..views import View
 
     n, records = manifest["dataset"]["num_samples"], manifest["store"]["records"]
-    size = manifest["teacher"]["image_size"]
     if len(views) != records:
         raise CacheFormatError(f"{where}: {len(views)} lines, manifest says {records} records")
     by_key, parsed = None, []
@@ -324,23 +386,14 @@ def check_views(views: list, samples: list[dict], manifest: dict, where: str = V
             raise CacheFormatError(f"{where}: line {row + 1}: expected sample {sample_index}, view {view_index}")
         try:
             view = View.from_json({k: x for k, x in v.items() if k not in ("sample", "view")})
-            if view.needs_version > manifest["version"]:
-                raise AttncacheError(f"these view parameters need format version {view.needs_version}")
-            s = samples[sample_index]
-            view.check_bounds(s["width"], s["height"], size)
+            partner = None
             if view.mix is not None:
-                by_key = by_key or {x["key"]: x for x in samples}
-                partner = by_key.get(view.mix.partner)
-                if partner is None:
+                by_key = by_key or {x["key"]: i for i, x in enumerate(samples)}
+                if view.mix.partner not in by_key:
                     raise AttncacheError(f"mix partner {view.mix.partner!r} is not a sample of this cache")
-                view.mix.view.check_bounds(partner["width"], partner["height"], size)
-            rate = manifest["views"].get("augment", {}).get("teacher_drop_path", 0.0)
-            if (view.drop_path.rate if view.drop_path is not None else 0.0) != rate:
-                raise AttncacheError(f"drop_path masks must be there exactly when views.augment.teacher_drop_path "
-                                     f"is set, at its rate ({rate})")
-            if view.drop_path is not None and len(view.drop_path.keep) != manifest["teacher"]["depth"]:
-                raise AttncacheError(f"drop_path keeps {len(view.drop_path.keep)} blocks, the teacher has "
-                                     f"{manifest['teacher']['depth']}")
+                partner = samples[by_key[view.mix.partner]]
+                view = replace(view, mix=replace(view.mix, partner_index=by_key[view.mix.partner]))
+            check_view(view, samples[sample_index], partner, manifest)
         except AttncacheError as exc:
             raise CacheFormatError(f"{where}: line {row + 1}: {exc}") from exc
         parsed.append(view)

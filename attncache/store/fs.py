@@ -116,6 +116,7 @@ class CacheFS:
                                                   else (self.fs.protocol,))
         self.known: dict[str, dict] = {}  # rel -> {path, bytes, sha256} from a validated manifest (Cache sets it)
         self.mirror = None
+        self.mirror_only: set[str] | None = None  # with the default mirror: the files read through it
         cache_dir = own.get("cache_dir") or os.environ.get("ATTNCACHE_CACHE_DIR")
         if cache_dir and not self.local:
             from .mirror import Mirror
@@ -189,6 +190,21 @@ class CacheFS:
         if len(data) != end - start and (known is None or end <= known["bytes"]):
             raise ShortRead(f"response truncated ({len(data)} of {end - start} bytes)")
         return data
+
+    def open_fd(self, rel: str) -> int:
+        """A descriptor to read `rel` with `os.pread`: the file itself on a local disk, else its node-local copy
+        (downloaded once per node and checked against the manifest's size and sha256: mirror.py), kept in
+        `cache_dir`, or without one in the default node-local directory (`node_mirror_dir`)."""
+        if self.local:
+            return self._open_local(rel)
+        if self.mirror is None:
+            from .mirror import Mirror
+
+            self.mirror = Mirror(node_mirror_dir(), self.url, DEFAULT_CACHE_MAX_BYTES)
+            self.mirror_only = set()  # the default mirror takes what asks for it (tables), not the shards
+        if self.mirror_only is not None:
+            self.mirror_only.add(rel)
+        return os.open(self.mirror.fetch(self, rel), os.O_RDONLY)
 
     def open(self, rel: str):
         """A binary file object for reading (a regular file inside the root, on a local disk). Remote: not retried
@@ -276,7 +292,7 @@ class CacheFS:
         self.call(rel, rm)
 
     def _mirrored(self, rel: str) -> bool:
-        return self.mirror is not None and rel in self.known
+        return self.mirror is not None and rel in self.known and (self.mirror_only is None or rel in self.mirror_only)
 
     # -- errors and retries -----------------------------------------------------------------------------------
 
@@ -329,6 +345,14 @@ class CacheFS:
             raise CacheFormatError(f"{self.where(rel)}: not a regular file")
         os.set_blocking(fd, True)
         return fd
+
+
+def node_mirror_dir() -> Path:
+    """Where a remote cache's tables are kept on this node when no `cache_dir` is given: $ATTNCACHE_MIRROR_DIR,
+    else a folder of this user's in the temporary directory (node-local, shared by its ranks and workers)."""
+    import tempfile
+
+    return Path(os.environ.get("ATTNCACHE_MIRROR_DIR") or Path(tempfile.gettempdir()) / f"attncache-{os.getuid()}")
 
 
 def is_url(path: str | Path) -> bool:

@@ -5,8 +5,10 @@ Why not fsspec's `filecache::`: it neither bounds its size nor verifies what it 
 once its bytes are the ones the manifest names (so a flaky network or a changed server file is caught before a
 single map is decoded), and the directory stays under `max_bytes` by evicting the least recently used files.
 
-Layout: `<cache_dir>/<sha256(url)[:16]>/<relative path>`; a `.lock` file serialises downloads and eviction among
-the processes that share the directory (DataLoader workers, DDP ranks). Files are published by rename.
+Layout: `<cache_dir>/<sha256(url)[:16]>/<the file's sha256[:24]>/<relative path>`: content-addressed, so a copy
+left by an earlier cache at the same URL is never taken for this one's; a `.lock` file serialises downloads and
+eviction among the processes that share the directory (DataLoader workers, DDP ranks). Files are published by
+rename.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class Mirror:
     def fetch(self, fs, rel: str) -> str:
         """The local path of `rel`, downloading and verifying it first if it is not here yet."""
         entry = fs.known[rel]
-        local = self.dir / rel
+        local = self.dir / entry["sha256"][:24] / rel
         if os.path.commonpath([os.path.realpath(local), os.path.realpath(self.dir)]) != os.path.realpath(self.dir):
             raise CacheFormatError(f"{fs.where(rel)}: leads outside the cache")
         if not self._ready(local, entry):

@@ -12,14 +12,17 @@ materialise an N×N map it would not otherwise compute. From q and k, in fp32, w
 
 Under autocast (extraction with `--amp`) the block's q and k are bf16. The hooks then recompute q and k in fp32 from
 the block's attention input (the fp32 output of its LayerNorm) with autocast off, so the stored map is the fp32 map
-of what the block received; only the residual stream carries the bf16 rounding of earlier layers.
+of what the block received; only the residual stream carries the bf16 rounding of earlier layers. "fp32" means
+IEEE fp32 products: the capture's own matmuls run at `torch.set_float32_matmul_precision("highest")` whatever the
+caller set (TF32, which training scripts often switch on, would keep 10 mantissa bits of q and k).
 
 The forward stops after the last captured layer (later layers cannot change earlier maps).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -106,19 +109,23 @@ class AttentionCapture:
                 self._q = self._x = None
                 return
             q = self._q
-            if torch.is_autocast_enabled(k.device.type):
-                q, k = _qk_fp32(attn, self._x)
-            with torch.autocast(k.device.type, enabled=False):
-                # Same operations, same order as timm's non-fused path: bit-identical logits in fp32.
-                q = q.float() * attn.scale
-                if self.payload == "qk":
-                    self._store(torch.stack([q, k.float()], dim=1))
-                else:
-                    logits = q @ k.float().transpose(-2, -1)
-                    self._store(logits.softmax(dim=-1) if self.payload == "probs" else logits)
+            with ieee_fp32():
+                if torch.is_autocast_enabled(k.device.type):
+                    q, k = _qk_fp32(attn, self._x)
+                self._maps(attn, q, k)
             self._q = self._x = None
 
         return hook
+
+    def _maps(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor) -> None:
+        with torch.autocast(k.device.type, enabled=False):
+            # Same operations, same order as timm's non-fused path: bit-identical logits in fp32.
+            q = q.float() * attn.scale
+            if self.payload == "qk":
+                self._store(torch.stack([q, k.float()], dim=1))
+            else:
+                logits = q @ k.float().transpose(-2, -1)
+                self._store(logits.softmax(dim=-1) if self.payload == "probs" else logits)
 
     def _store(self, layer_map: torch.Tensor) -> None:
         # Written straight into the batch's output buffer: no per-layer list, no stack copy of B x L x H x N x N.
@@ -145,11 +152,27 @@ class AttentionCapture:
 
 
 def _qk_fp32(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q and k of timm's `Attention` recomputed in fp32 from its input `x` (the qkv layout of timm's forward)."""
+    """q and k of timm's `Attention` recomputed in fp32 from its input `x` (the qkv layout of timm's forward). Only
+    the q and k rows of the projection are multiplied: v is not needed, and it is a third of the work."""
     with torch.autocast(x.device.type, enabled=False):
         B, N, _ = x.shape
-        bias = attn.qkv.bias.float() if attn.qkv.bias is not None else None
-        qkv = F.linear(x.float(), attn.qkv.weight.float(), bias)
-        qkv = qkv.reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        rows = 2 * attn.num_heads * attn.head_dim
+        bias = attn.qkv.bias[:rows].float() if attn.qkv.bias is not None else None
+        qk = F.linear(x.float(), attn.qkv.weight[:rows].float(), bias)
+        qk = qk.reshape(B, N, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         # .forward, not __call__: the norms carry this capture's own hooks
-        return attn.q_norm.forward(qkv[0]), attn.k_norm.forward(qkv[1])
+        return attn.q_norm.forward(qk[0]), attn.k_norm.forward(qk[1])
+
+
+@contextlib.contextmanager
+def ieee_fp32() -> Iterator[None]:
+    """float32 matmuls in full IEEE precision inside (no TF32), the caller's setting restored after."""
+    before = torch.get_float32_matmul_precision()
+    if before == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)

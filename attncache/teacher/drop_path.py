@@ -24,7 +24,7 @@ class MaskedDropPath(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # timm: random_tensor = bernoulli(keep_prob), then random_tensor.div_(keep_prob), then x * random_tensor
-        scale = self.keep.to(device=x.device, dtype=x.dtype).div_(1.0 - self.rate)
+        scale = self.keep.to(device=x.device, dtype=x.dtype) / (1.0 - self.rate)  # never in place: keep stays 0/1
         return x * scale.view(-1, *([1] * (x.ndim - 1)))
 
 
@@ -36,6 +36,9 @@ def drop_path_masks(model: nn.Module, keep: torch.Tensor | None, rate: float,
     if keep is None:
         yield
         return
+    # One copy of the masks to the model's device, asynchronous from pinned memory (the loader pins batches), not a
+    # synchronous host-to-device copy in each block's two residual branches (2 x depth stalls of the step on a GPU).
+    keep = keep.to(next(model.parameters()).device, non_blocking=True)
     swapped = []
     try:
         for i in (range(len(model.blocks)) if blocks is None else blocks):

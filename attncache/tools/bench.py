@@ -9,6 +9,7 @@ as a user runs it: a fresh timm model, fused attention, no hooks.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import shutil
 import time
@@ -25,6 +26,7 @@ from ..codecs.inputs_klt import fit_basis
 from ..device import parse_device
 from ..errors import AttncacheError
 from ..extract import ExtractConfig, extract
+from ..extract.pipeline import teacher_autocast  # what `extract --amp` runs its teacher under
 from ..files import atomic_write_json
 from ..sources import open_image, open_source
 from ..store import WRITERS
@@ -47,6 +49,10 @@ class ExtractBench:
     limit: int | None = None
     views: int = 4  # views per image: more records per run, closer to the steady state
     repeats: int = 3
+    amp: bool = False  # bf16 autocast for the teacher on CUDA (`extract --amp`), the plain baseline's too
+    workers: int = ExtractConfig.workers  # render threads, of `extract` and of the inference-from-source baseline
+    pipeline_repeats: int | None = None  # passes of encode+write and of the whole pipeline (default: repeats)
+    keep_cache: bool = False  # keep the last pipeline pass's cache (OUT/extract, named in the result)
 
 
 def _sync(device: torch.device) -> None:
@@ -78,7 +84,7 @@ def _view_renderer(source, spec, views: int):
     return [(i, v) for v in range(views) for i in range(len(samples))], one
 
 
-def _rendered(source, spec, views: int) -> torch.Tensor:
+def rendered_views(source, spec, views: int) -> torch.Tensor:
     """`views` training views of every image of `source`, rendered at the teacher's geometry."""
     jobs, one = _view_renderer(source, spec, views)
     images = dict(source.iter_bytes(range(len(jobs) // views)))
@@ -105,10 +111,10 @@ class BenchDir:
             shutil.rmtree(path)
         return path
 
-    def finish(self, result: dict) -> None:
+    def finish(self, result: dict, keep: tuple[str, ...] = ()) -> None:
         for name in self.owned:
             path = self.out / name
-            if path.is_dir() and not path.is_symlink():
+            if name not in keep and path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
         atomic_write_json(self.out / self.marker, result)
 
@@ -119,35 +125,45 @@ def _inference_from_source(model, source, jobs, one, b: ExtractBench, device: to
     `extract`'s number of threads, the never-hooked teacher's forward per batch; nothing captured or written. The
     source is listed and its views drawn beforehand (`_view_renderer`), as extraction does before its pipeline."""
     images = dict(source.iter_bytes(range(len(jobs) // b.views)))
-    with ThreadPoolExecutor(ExtractConfig.workers) as pool:
+    with ThreadPoolExecutor(b.workers) as pool, teacher_autocast(device, b.amp):
         rendered = pool.map(lambda job: one(job, images[job[0]]), jobs)  # renders ahead while the teacher runs
         while batch := list(itertools.islice(rendered, b.batch_size)):
             model.forward_features(torch.stack(batch).to(device))
     _sync(device)
 
 
-def bench_extract(b: ExtractBench) -> dict:
+def build_teachers(teacher: TeacherOptions, device: str) -> tuple:
+    """(plain, hooked, spec): the teacher as a user runs it (never hooked) and a second one for the capture, on
+    `device`. `bench_extract` builds them, or takes them (several payloads, one build of a large teacher)."""
+    plain, spec = teacher.build(parse_device(device))
+    hooked, _ = teacher.build(parse_device(device))
+    return plain, hooked, spec
+
+
+def bench_extract(b: ExtractBench, teachers: tuple | None = None) -> dict:
+    """`teachers`: `build_teachers(b.teacher, b.device)`, when the caller already built them."""
     device = parse_device(b.device)
     codec = get_codec(b.codec, **b.codec_params)
     payload = codec.payloads[0]
     work = BenchDir(b.out, "bench_extract.json", ("encode", "extract"))
-    plain, spec = b.teacher.build(device)  # the teacher as a user runs it: never hooked
-    hooked, _ = b.teacher.build(device)
+    plain, hooked, spec = teachers or build_teachers(b.teacher, b.device)
     layers = parse_layers(b.layers, spec.depth)
-    pixels = _rendered(open_source(b.data, limit=b.limit), spec, b.views)
+    pixels = rendered_views(open_source(b.data, limit=b.limit), spec, b.views)
     batches = [pixels[i:i + b.batch_size].to(device) for i in range(0, len(pixels), b.batch_size)]
     n = len(pixels)
 
     @torch.no_grad()
     def teacher_only():
-        for x in batches:
-            plain.forward_features(x)
+        with teacher_autocast(device, b.amp):
+            for x in batches:
+                plain.forward_features(x)
         _sync(device)
 
     with AttentionCapture(hooked, layers, payload) as capture:
         def teacher_capture():
-            for x in batches:
-                capture(x)
+            with teacher_autocast(device, b.amp):
+                for x in batches:
+                    capture(x)
             _sync(device)
 
         teacher_only(), teacher_capture()  # warm-up
@@ -156,12 +172,26 @@ def bench_extract(b: ExtractBench) -> dict:
         jobs, one = _view_renderer(source, spec, b.views)
         inference_rate = _best_rate(lambda: _inference_from_source(plain, source, jobs, one, b, device), n, b.repeats)
         capture_rate = _best_rate(teacher_capture, n, b.repeats)
-        captured = [capture(x).cpu() for x in batches]
+        with teacher_autocast(device, b.amp):
+            captured = [capture(x).cpu() for x in batches]
+
+    # the full pipeline (views rendered from source bytes, teacher, encode, write), as `attncache extract` runs it
+    pipeline_repeats = b.pipeline_repeats or b.repeats
+    best = 0.0
+    for _ in range(pipeline_repeats):
+        stats: dict = {}
+        extract(ExtractConfig(teacher=b.teacher, data=b.data, out=str(work.fresh("extract")), format=b.format,
+                              codec=b.codec, codec_params=b.codec_params, views=b.views, layers=b.layers,
+                              batch_size=b.batch_size, device=b.device, records_per_shard=b.batch_size,
+                              progress=False, limit=b.limit, amp=b.amp, workers=b.workers), stats=stats)
+        best = max(best, stats["records"] / stats["pipeline_s"])
 
     # encode + write alone, from captures already in memory
     fields = codec.fields(spec.capture_shape(len(layers)))
-    if codec.needs_basis:  # fitting is a once-per-cache cost: outside the measured rates, as in `extract`'s
-        codec.bind_basis(fit_basis(torch.cat(captured)[:codec.params["fit"]], from_model(hooked, layers)))
+    if codec.needs_basis:  # fitting is a once-per-cache cost, outside the measured rates: the pipeline's basis
+        from ..cache import open_cache
+
+        codec = open_cache(work.out / "extract").codec
     stored_bytes: list[int] = []
 
     def encode_write():
@@ -171,17 +201,7 @@ def bench_extract(b: ExtractBench) -> dict:
             writer.write_shard(i, codec.encode(c, payload), [{}] * len(c))
         stored_bytes.append(sum((root / p).stat().st_size for i in range(len(captured)) for p in writer.shard_paths(i)))
 
-    encode_write_rate = _best_rate(encode_write, n, b.repeats)
-
-    # the full pipeline (views rendered from source bytes, teacher, encode, write), as `attncache extract` runs it
-    best = 0.0
-    for _ in range(b.repeats):
-        stats: dict = {}
-        extract(ExtractConfig(teacher=b.teacher, data=b.data, out=str(work.fresh("extract")), format=b.format,
-                              codec=b.codec, codec_params=b.codec_params, views=b.views, layers=b.layers,
-                              batch_size=b.batch_size, device=b.device, records_per_shard=b.batch_size,
-                              progress=False, limit=b.limit), stats=stats)
-        best = max(best, stats["records"] / stats["pipeline_s"])
+    encode_write_rate = _best_rate(encode_write, n, pipeline_repeats)
 
     bound = min(capture_rate, encode_write_rate)
     serial = 1 / (1 / capture_rate + 1 / encode_write_rate)
@@ -189,7 +209,8 @@ def bench_extract(b: ExtractBench) -> dict:
     result = {
         "device": _device_name(device),
         "teacher": spec.model, "tokens": spec.num_tokens, "layers": len(layers), "views": n,
-        "batch_size": b.batch_size, "format": b.format, "codec": b.codec, "payload": payload,
+        "batch_size": b.batch_size, "format": b.format, "codec": b.codec, "payload": payload, "amp": b.amp,
+        "render_workers": b.workers,
         "teacher_views_per_s": round(teacher_rate, 2),
         "teacher_with_capture_views_per_s": round(capture_rate, 2),
         "encode_write_views_per_s": round(encode_write_rate, 2),
@@ -206,7 +227,9 @@ def bench_extract(b: ExtractBench) -> dict:
         "stored_bytes_per_view": round(stored_bytes[0] / n, 1),
         "ratio_vs_raw_fp16": round(raw * n / stored_bytes[0], 3),
     }
-    work.finish(result)
+    if b.keep_cache:
+        result["cache"] = str(work.out / "extract")
+    work.finish(result, keep=("extract",) if b.keep_cache else ())
     return result
 
 
@@ -215,7 +238,10 @@ def bench_extract(b: ExtractBench) -> dict:
 #
 # Cached training overlaps reading (worker processes: read, decompress, render) with the student's step (main
 # process: decode on the device, forward, backward). Its ideal rate is min(student-only, read+decode); the goal is
-# cached >= 0.9 x ideal. The live-teacher rate (same student, same views, maps from the teacher) is the baseline.
+# cached >= 0.9 x ideal. The live-teacher rate (same student, same views, maps from the teacher) is the baseline:
+# a live step costs the teacher's forward T_teacher on top of the student's T_student, so cached / live can reach
+# (T_teacher + T_student) / T_student (`live_cost_vs_student`), both T measured on a batch staged on the device.
+# The cached and the live engine run one after the other, so each one's peak device memory is its own.
 
 
 @dataclass
@@ -236,8 +262,6 @@ class TrainBench:
 
 def bench_train(b: TrainBench) -> dict:
     from ..cache import open_cache
-    from ..train import TrainConfig, Trainer
-    from ..train.loader import batches, make_loader
 
     device = parse_device(b.device)
     cache = open_cache(b.cache)
@@ -245,18 +269,47 @@ def bench_train(b: TrainBench) -> dict:
     work = BenchDir(b.out, "bench_train.json", ("cached", "live"))
     common = dict(mode=b.mode, cache=b.cache, data=b.data, layers=b.layers,
                   batch_size=b.batch_size, workers=b.workers, device=b.device, progress=False)
-    cached = Trainer(TrainConfig(out=str(work.fresh("cached")), **common), evaluate=False).engine
-    live = Trainer(TrainConfig(out=str(work.fresh("live")), teacher=teacher, **common), evaluate=False).engine
-    for engine in (cached, live):
-        engine.init_state()
+    cached = _measure_engine(b, device, dict(out=str(work.fresh("cached")), **common), "cached")
+    _release(device)
+    live = _measure_engine(b, device, dict(out=str(work.fresh("live")), teacher=teacher, **common), "live")
+    _release(device)
+    rates = {"cached": cached["rate"], "live_teacher": live["rate"], "student_only": cached["student_rate"],
+             "read_decode": cached["read_rate"]}
+    ideal = min(rates["student_only"], rates["read_decode"])
+    student_ms, cached_ms = 1e3 * b.batch_size / rates["student_only"], 1e3 * b.batch_size / rates["cached"]
+    s = cache.summary()
+    result = {
+        "device": _device_name(device), "mode": b.mode, "teacher": s["teacher"], "tokens": s["tokens"],
+        "layers": cached["layers"], "codec": s["codec"], "store": s["store"], "batch_size": b.batch_size,
+        "workers": b.workers, "steps": b.steps, "torch_threads": torch.get_num_threads(),
+        "images_per_s": rates,
+        "ideal_cached": ideal, "cached_vs_ideal": rates["cached"] / ideal,
+        "cached_vs_live": rates["cached"] / rates["live_teacher"],
+        "cached_vs_student_only": rates["cached"] / rates["student_only"],
+        "ms_per_batch": {"student_step": student_ms, "cached_step": cached_ms, "decode": cached["maps_ms"],
+                         "teacher_forward": live["maps_ms"]},
+        "decode_share_of_cached_step": cached["maps_ms"] / cached_ms,
+        "live_cost_vs_student": (live["maps_ms"] + student_ms) / student_ms,
+        "peak_device_bytes": {"cached": cached["peak"], "live": live["peak"]} if device.type == "cuda" else None,
+    }
+    work.finish(result)
+    return result
 
-    def timed(loader, step) -> float:
+
+def _measure_engine(b: TrainBench, device: torch.device, options: dict, kind: str) -> dict:
+    """Images/s of one engine's training steps fed by its loader, its peak device memory in them, and the ms of
+    its targets on a batch staged on the device (the cache's decode, or the live teacher's forward). The cached
+    engine also gives the reader's rate (read + decode, no student) and the student's alone (a staged batch)."""
+    from ..train import TrainConfig, Trainer
+    from ..train.loader import batches, make_loader
+
+    def timed(loader, step, warmup: int) -> float:
         """Best images/s of `step(batch)` over `repeats` windows of `steps` batches, after `warmup` batches, across
         epochs if needed (one noisy window would make the ratios below exceed what is possible)."""
         rates, done, images, start = [], 0, 0, None
         while True:
             for batch in batches(loader):
-                if done >= b.warmup and (done - b.warmup) % b.steps == 0:
+                if done >= warmup and (done - warmup) % b.steps == 0:
                     _sync(device)
                     if start is not None:
                         rates.append(images / (time.perf_counter() - start))
@@ -267,30 +320,63 @@ def bench_train(b: TrainBench) -> dict:
                 done += 1
                 images += len(batch["labels"])
 
-    def loader(engine):
-        return make_loader(engine.train_stream, b.workers, pin_memory=device.type == "cuda")
+    engine = Trainer(TrainConfig(**options), evaluate=False).engine
+    engine.init_state()
+    out = {"layers": engine.layers, **_on_a_staged_batch(b, device, engine, timed, kind == "cached")}
+    # One loader for both loader-fed rates (its workers persist). They start together, so their first batches
+    # arrive in one burst that the steady state never sees: loader-fed rates skip one batch per worker more.
+    loader = make_loader(engine.train_stream, b.workers, pin_memory=device.type == "cuda")
+    fed = b.warmup + b.workers
+    if kind == "cached":  # read + decode alone: the loader's workers and the on-device decode, no student
+        out["read_rate"] = timed(loader, lambda batch: engine.to_device(batch), fed)
+    _reset_peak(device)
+    out["rate"] = timed(loader, lambda batch: engine.train_step(batch, engine.cfg.lr), fed)
+    out["peak"] = _peak(device)
+    return out
 
-    # read + decode alone: the loader's workers and the on-device decode, no student
-    read_rate = timed(loader(cached), lambda batch: cached.to_device(batch))
-    # student alone: one batch staged on the device, maps decoded once
-    stream = cached.train_stream
-    images, labels, targets = cached.to_device(stream.load(0, stream.plan(0)[0]))
-    student_rate = timed(_repeat({"labels": labels}, b.warmup + b.steps * b.repeats + 1),
-                         lambda _: cached.optimize(images, labels, targets, cached.cfg.lr))
-    cached_rate = timed(loader(cached), lambda batch: cached.train_step(batch, cached.cfg.lr))
-    live_rate = timed(loader(live), lambda batch: live.train_step(batch, live.cfg.lr))
-    ideal = min(student_rate, read_rate)
-    s = cache.summary()
-    result = {
-        "device": _device_name(device), "mode": b.mode, "teacher": s["teacher"], "tokens": s["tokens"],
-        "layers": cached.layers, "codec": s["codec"], "store": s["store"], "batch_size": b.batch_size,
-        "workers": b.workers, "steps": b.steps, "torch_threads": torch.get_num_threads(),
-        "images_per_s": {"cached": cached_rate, "live_teacher": live_rate, "student_only": student_rate,
-                         "read_decode": read_rate},
-        "ideal_cached": ideal, "cached_vs_ideal": cached_rate / ideal, "cached_vs_live": cached_rate / live_rate,
-    }
-    work.finish(result)
-    return result
+
+def _on_a_staged_batch(b: TrainBench, device: torch.device, engine, timed, student: bool) -> dict:
+    """On the epoch's first batch, already on the device: ms of the engine's targets (the cache's decode, or the
+    live teacher's forward) and, with `student`, the student's images/s alone (maps decoded once)."""
+    first = engine.train_stream.load(0, engine.train_stream.plan(0)[0])
+    staged = {**first, "fields": {k: v.to(device) for k, v in first["fields"].items()}}
+    images = first["images"].to(device)
+    out = {"maps_ms": 0.0 if engine.maps is None else  # a mode without teacher targets
+           _ms_per_call(lambda: engine.maps(staged, images), device, b.steps, b.repeats)}
+    if student:
+        _, labels, targets = engine.to_device(staged)
+        out["student_rate"] = timed(_repeat({"labels": labels}, b.warmup + b.steps * b.repeats + 1),
+                                    lambda _: engine.optimize(images, labels, targets, engine.cfg.lr), b.warmup)
+    return out
+
+
+def _ms_per_call(fn, device: torch.device, calls: int, repeats: int) -> float:
+    """Milliseconds per call of `fn` on `device`, best of `repeats` runs of `calls` calls, after one warm-up call."""
+    fn()
+    _sync(device)
+
+    def run():
+        for _ in range(calls):
+            fn()
+        _sync(device)
+
+    return 1e3 * _timed_best(run, repeats)[1] / calls
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def _release(device: torch.device) -> None:
+    """Free what an engine left on the device (its model, optimizer state, loaders' pinned batches)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 class _repeat:
@@ -360,7 +446,7 @@ def _measure_codec(codec, fields, captured, reference, raw, device, repeats) -> 
             "encode_MBps_per_core": round(mb / encode_s, 1),
             "decompress_MBps_per_core": round(mb / decompress_s, 1),
             "decode_MBps_per_core": round(mb / decode_s, 1),
-            "device_decode_MBps": round(_device_decode_rate(codec, unpacked, payload, device, repeats) * raw / 1e6,
+            "device_decode_MBps": round(device_decode_rate(codec, unpacked, payload, device, repeats) * raw / 1e6,
                                         1)}
 
 
@@ -379,7 +465,7 @@ def bench_codecs(b: CodecBench) -> dict:
     model, spec = b.teacher.build(device)
     layers = parse_layers(b.layers, spec.depth)
     shape = spec.capture_shape(len(layers))
-    pixels = _rendered(open_source(b.data, limit=b.limit), spec, 1)
+    pixels = rendered_views(open_source(b.data, limit=b.limit), spec, 1)
     batches = [pixels[i:i + b.batch_size] for i in range(0, len(pixels), b.batch_size)]
     views = len(pixels)
     captured = {}
@@ -454,7 +540,7 @@ def _to_probs(codec, maps: torch.Tensor, payload: str) -> torch.Tensor:
     return maps.softmax(-1) if codec.decodes_to(payload) == "logits" else maps
 
 
-def _device_decode_rate(codec, unpacked, payload, device, repeats) -> float:
+def device_decode_rate(codec, unpacked, payload, device, repeats) -> float:
     """Views/s of decode (+ softmax) with the compact fields already on `device` (all of its threads)."""
     on_device = [{k: v.to(device) for k, v in f.items()} for f in unpacked]
     views = sum(len(next(iter(f.values()))) for f in on_device)

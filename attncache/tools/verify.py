@@ -1,8 +1,8 @@
 """`attncache verify`: is every byte of a cache the one its manifest names?
 
-- quick: every file the manifest names has its size; the index files (samples, views) and store metadata match
-  their sha256 (they are small); every stored chunk's crc32c holds (format version 4 on). Reads every byte once,
-  hashes none of the big files.
+- quick: every file the manifest names has its size; every sample and view is read (each table block's crc32c;
+  versions 1-4: the JSONL files against their sha256) and checked; the store metadata matches its sha256; every
+  stored chunk's crc32c holds (format version 4 on). Reads every byte once, hashes none of the big files.
 - full (default): the sha256 of every file, no file the manifest does not name, every chunk's crc32c, and the
   first record of every shard decodes to finite maps.
 Either way the first problem is a CacheFormatError naming the file (and the record, for a chunk).
@@ -31,7 +31,7 @@ def verify_cache(root: str, storage_options: dict | None = None, decode: bool = 
             if size != f["bytes"] or digest != f["sha256"]:
                 raise CacheFormatError(f"{fs.where(f['path'])}: size/sha256 mismatch with the manifest "
                                        f"({size} bytes, expected {f['bytes']})")
-    _ = cache.samples, cache.views  # read against their sha256 and parsed, both modes
+    cache.check_records()  # every sample and view read (each block's checksum) and checked, both modes
     chunks = 0
     if has_chunk_checksums(m):
         for where, data in cache.reader.chunks():

@@ -162,7 +162,7 @@ def _cached_view(root: str, key: str | None, view: int, data: str | None, storag
 
     cache = open_cache(root, storage_options)
     if key is None:
-        key = cache.samples[0]["key"]
+        key = cache.sample_at(0)["key"]
     try:
         row = cache.row(key, view)
     except KeyError as exc:

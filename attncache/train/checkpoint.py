@@ -3,8 +3,8 @@
 ```
 RUN/config.json          what decides the result (options, caches, student, teacher)
 RUN/metrics.jsonl        one JSON object per line: train windows and evaluations
-RUN/checkpoints/last.pt  written atomically: model, optimizer, EMA, every rank's RNG, position, metrics line
-                         count, log window (summed over ranks)
+RUN/checkpoints/last.pt  written atomically: model, optimizer, EMA, every rank's RNG (CPU, and its training
+                         device's CUDA generator), position, metrics line count, log window (summed over ranks)
 RUN/model.safetensors    the final student (ema.safetensors with --ema)
 RUN/results.json         written last: the run is finished
 ```
@@ -85,6 +85,27 @@ def save_checkpoint(run: Path, *, position: Position, window: Window, metrics_li
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write_bytes(run / CHECKPOINT, buf.getvalue())
+
+
+def device_rng_state(device: torch.device) -> list[torch.Tensor]:
+    """The CUDA generator state of the training device, as a one-element list ([] for a CPU run): the only CUDA
+    generator a rank draws from (drop-path, dropout). Saving every visible GPU's state, as checkpoints did before,
+    had each rank touch every GPU, and a run could not resume where fewer GPUs are visible."""
+    if device.type != "cuda":
+        return []
+    return [torch.cuda.get_rng_state(device)]
+
+
+def restore_device_rng(states: list[torch.Tensor], device: torch.device) -> None:
+    """Set the training device's CUDA generator from `device_rng_state`'s list; a list of every visible GPU's
+    state (checkpoints written before) gives the training device's entry. Nothing to do for CPU runs."""
+    if device.type != "cuda" or not states:
+        return
+    index = device.index or 0
+    if len(states) > 1 and index >= len(states):
+        raise AttncacheError(f"checkpoint holds the CUDA generators of {len(states)} GPUs, this run trains on "
+                             f"{device}: resume with the GPUs it was written with")
+    torch.cuda.set_rng_state(states[0] if len(states) == 1 else states[index], device)
 
 
 def load_checkpoint(run: Path, steps_per_epoch: int, world_size: int = 1) -> dict:

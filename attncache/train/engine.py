@@ -25,7 +25,18 @@ from ..distributed import World
 from ..errors import AttncacheError, RunInterrupted
 from ..files import AppendLog, atomic_write_bytes, atomic_write_json
 from ..teacher import drop_path_masks
-from .checkpoint import EMA_MODEL, METRICS, MODEL, RESULTS, Position, Window, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    EMA_MODEL,
+    METRICS,
+    MODEL,
+    RESULTS,
+    Position,
+    Window,
+    device_rng_state,
+    load_checkpoint,
+    restore_device_rng,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .loader import ViewStream, batches, make_loader
 from .losses import classification_loss, mixed_targets
@@ -139,8 +150,10 @@ class Engine:
         images = batch["images"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
         if "lam" in batch:  # mixed views: soft targets, label smoothing included
-            labels = mixed_targets(labels, batch["partner_labels"].to(self.device), batch["lam"].to(self.device),
-                                   self.model.num_classes, self.cfg.label_smoothing)
+            # non_blocking: a blocking copy waits for the device to finish the previous step (a stall per step)
+            labels = mixed_targets(labels, batch["partner_labels"].to(self.device, non_blocking=True),
+                                   batch["lam"].to(self.device, non_blocking=True), self.model.num_classes,
+                                   self.cfg.label_smoothing)
         return images, labels, (self.maps(batch, images) if self.maps is not None else None)
 
     def train_step(self, batch: dict, lr: float) -> dict[str, torch.Tensor]:
@@ -186,8 +199,7 @@ class Engine:
             if self.ema is not None and ck["ema"] is not None:
                 self.ema.module.load_state_dict(ck["ema"])
             torch.set_rng_state(ck["rng_cpu"][self.world.rank])
-            if ck["rng_cuda"][self.world.rank] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(ck["rng_cuda"][self.world.rank])
+            restore_device_rng(ck["rng_cuda"][self.world.rank], self.device)
             self.pos, self.window = ck["position"], ck["window"]
             self.log.truncate(ck["metrics_lines"])  # lines after the checkpoint are about to be recomputed
             self._say(f"resuming at epoch {self.pos.epoch}, step {self.pos.step}")
@@ -195,8 +207,9 @@ class Engine:
             torch.manual_seed(cfg.seed)
             self.pos, self.window = Position(), Window()
             self.log.truncate(0)
-        train_loader = make_loader(self.train_stream, cfg.workers, pin_memory=self.device.type == "cuda")
-        val_loader = make_loader(self.val_stream, cfg.workers) if self.val_stream is not None else None
+        pin = self.device.type == "cuda"  # pinned batches: the step's copies to the device are asynchronous
+        train_loader = make_loader(self.train_stream, cfg.workers, pin_memory=pin)
+        val_loader = make_loader(self.val_stream, cfg.workers, pin_memory=pin) if self.val_stream is not None else None
         with StopRequest() as stop:
             while self.pos.epoch < cfg.epochs:
                 if self.pos.batch < self.steps_per_epoch:
@@ -314,7 +327,7 @@ class Engine:
         """A checkpoint of the run (a collective under torchrun: every rank hands in its RNG, rank 0 writes)."""
         self._reduce_window()
         rng_cpu = self.world.gather(torch.get_rng_state())
-        rng_cuda = self.world.gather(torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+        rng_cuda = self.world.gather(device_rng_state(self.device))
         if not self.world.is_main:
             return
         self.log.sync()

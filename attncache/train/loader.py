@@ -4,10 +4,12 @@
 batch size), computed before any byte is read:
 - cache: one view per image (epoch e reads view e mod K; records are view-major, so these rows are contiguous);
   zarr caches take a global permutation, webdataset caches a locality-preserving one (shards in shuffled order,
-  rows through a shuffle buffer, so a batch reads from few shards);
+  then rows shuffled within windows of `shuffle_buffer` rows, so a batch reads from few shards);
 - live (no cache): the samples in a permuted order, views drawn per epoch from a `ViewPolicy`;
 - the order is split by rank (strided) and cut into batches; with `drop_last` (training) every epoch and every rank
   has exactly floor(items / (batch x world)) batches.
+All of it is numpy over arrays of row numbers (an epoch of 1.28M images plans in well under a second), and a
+record's sample and view are read from the cache's tables when its batch is loaded, never held for all records.
 
 **Workers deal from that one sequence.** DataLoader worker j of n yields the epoch's batches start + j, start + j + n,
 ..., which is exactly the order the DataLoader yields them in (round robin from worker 0). So the sequence does not
@@ -73,23 +75,27 @@ class ViewStream(IterableDataset):
         self._samples, self.policy = samples, policy
         self.rank, self.world_size, self.shuffle_buffer = rank, world_size, shuffle_buffer
         self.depth = depth
-        self._key_index: dict[str, int] | None = None  # mixing partners by key, built on first use
+        self._key_index: dict[str, int] | None = None  # live views: mixing partners by key, built on first use
         self.drop_last = shuffle if drop_last is None else drop_last
         self._position = [0, 0]  # (epoch, first batch); shared memory once a multi-process loader is made
 
-    @property
-    def samples(self) -> list[dict]:
-        return self.cache.samples if self.cache is not None else self._samples
+    def keys(self) -> list[str]:
+        """Every sample's key, in sample order."""
+        if self.cache is None:
+            return [s["key"] for s in self._samples]
+        return [key for chunk in self.cache.iter_keys() for key in chunk]
 
     @property
     def mixes(self) -> bool:
         return (self.cache.policy if self.cache is not None else self.policy).augment.mixes
 
-    def _sample_by_key(self, key: str) -> tuple[int, dict]:
+    def _partner(self, view: View) -> dict:
+        """The sample a mixed view is mixed with: by its index in a cache, by key among live samples."""
+        if self.cache is not None:  # with its index: a cache that embeds images holds the partner's at that row
+            return {**self.cache.sample_at(view.mix.partner_index), "index": view.mix.partner_index}
         if self._key_index is None:
-            self._key_index = {s["key"]: i for i, s in enumerate(self.samples)}
-        index = self._key_index[key]
-        return index, self.samples[index]
+            self._key_index = {s["key"]: i for i, s in enumerate(self._samples)}
+        return self._samples[self._key_index[view.mix.partner]]
 
     def set_position(self, epoch: int, start: int = 0) -> None:
         """The next iteration yields `epoch`'s batches from index `start` on (set before `iter(loader)`)."""
@@ -97,43 +103,44 @@ class ViewStream(IterableDataset):
 
     # -- what to read ----------------------------------------------------------------------------------------
 
-    def epoch_items(self, epoch: int) -> list[int]:
+    def epoch_items(self, epoch: int) -> np.ndarray:
         """Cache rows (one view per image) or sample indices (live) of an epoch, in storage order."""
         if self.cache is None:
-            return list(range(len(self._samples)))
+            return np.arange(len(self._samples), dtype=np.int64)
         view = epoch % self.cache.views_per_image if self.shuffle else 0  # evaluation: always the first view
-        return [row_of(i, view, self.cache.num_samples) for i in range(self.cache.num_samples)]
+        n = self.cache.num_samples
+        return np.arange(row_of(0, view, n), row_of(0, view, n) + n, dtype=np.int64)
 
-    def order(self, epoch: int) -> list[int]:
+    def order(self, epoch: int) -> np.ndarray:
         """The epoch's items in the order they are trained on (before the rank split)."""
         items = self.epoch_items(epoch)
         if not self.shuffle:
             return items
         if self.cache is not None and self.cache.manifest["store"]["format"] == "wds":
             return self._streamed_order(items, epoch)
-        return np.random.default_rng([self.seed, epoch]).permutation(items).tolist()
+        return np.random.default_rng([self.seed, epoch]).permutation(items)
 
-    def _streamed_order(self, rows: list[int], epoch: int) -> list[int]:
-        """Shards in shuffled order, rows through a shuffle buffer: a batch's rows come from few shards."""
+    def _streamed_order(self, rows: np.ndarray, epoch: int) -> np.ndarray:
+        """Shards in shuffled order, then rows shuffled within windows of `shuffle_buffer` rows (window edges
+        moved by a random offset each epoch): a batch's rows come from few shards. The epoch's rows are one
+        contiguous range, so every shard's part of it is too."""
         per_shard = self.cache.manifest["store"]["records_per_shard"]
         rng = np.random.default_rng([self.seed, epoch])
-        shards = rng.permutation(sorted({r // per_shard for r in rows})).tolist()
-        wanted = set(rows)
-        out, buffer = [], []
-        for shard in shards:
-            for row in range(shard * per_shard, (shard + 1) * per_shard):
-                if row not in wanted:
-                    continue
-                buffer.append(row)
-                if len(buffer) >= self.shuffle_buffer:
-                    j = int(rng.integers(len(buffer)))
-                    buffer[j], buffer[-1] = buffer[-1], buffer[j]
-                    out.append(buffer.pop())
-        rng.shuffle(buffer)
-        return out + buffer
+        first, last = int(rows[0]) // per_shard, int(rows[-1]) // per_shard
+        shards = rng.permutation(np.arange(first, last + 1))
+        starts = np.maximum(shards * per_shard, rows[0])
+        stops = np.minimum((shards + 1) * per_shard, rows[-1] + 1)
+        lengths = stops - starts
+        # rows of the shards in their shuffled order: each shard's start repeated over its length, plus 0, 1, ...
+        offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        ordered = np.repeat(starts, lengths) + offsets
+        window = max(1, self.shuffle_buffer)
+        shift = int(rng.integers(window))
+        keys = (np.arange(len(ordered)) + shift) // window + rng.random(len(ordered))
+        return ordered[np.argsort(keys, kind="stable")]
 
-    def plan(self, epoch: int) -> list[list[int]]:
-        """This rank's batches (lists of items) of `epoch`, in training order."""
+    def plan(self, epoch: int) -> list[np.ndarray]:
+        """This rank's batches (arrays of items) of `epoch`, in training order."""
         order = self.order(epoch)
         step = self.batch_size * self.world_size
         usable = len(order) // step * step if self.drop_last else len(order)
@@ -141,8 +148,12 @@ class ViewStream(IterableDataset):
         return [mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
 
     def batches_per_epoch(self) -> int:
-        """The same for every epoch (and, with drop_last, every rank)."""
-        return len(self.plan(0))
+        """The same for every epoch (and, with drop_last, every rank): arithmetic, no plan is drawn."""
+        items = self.cache.num_samples if self.cache is not None else len(self._samples)
+        if self.drop_last:
+            return items // (self.batch_size * self.world_size)
+        mine = len(range(self.rank, items, self.world_size))
+        return -(-mine // self.batch_size)
 
     # -- reading -----------------------------------------------------------------------------------------------
 
@@ -153,7 +164,7 @@ class ViewStream(IterableDataset):
         try:
             batches = self.plan(epoch)
             for index in range(start + worker, len(batches), num_workers):
-                yield {**self.load(epoch, batches[index]), "epoch": epoch, "index": index}
+                yield {**self.load(epoch, batches[index].tolist()), "epoch": epoch, "index": index}
         except AttncacheError as exc:  # reported by the training process as a one-line error
             yield {"error": str(exc)}
 
@@ -188,7 +199,7 @@ class ViewStream(IterableDataset):
         for sample, view, blob in views:
             partner = None
             if view.mix is not None:
-                _, partner = self._sample_by_key(view.mix.partner)
+                partner = self._partner(view)
             images.append(self._render(sample, view, blob, partner))
             labels.append(sample["label"])
             partner_labels.append(partner["label"] if partner is not None else sample["label"])
@@ -208,7 +219,7 @@ class ViewStream(IterableDataset):
         where = self.source.where(key) if self.source is not None else f"{self.cache.root}:{key}"
         if blob is None:
             if self.source is None:  # a mixing partner of a cache that embeds its images
-                partner_row = row_of(self._sample_by_key(key)[0], 0, self.cache.num_samples)
+                partner_row = row_of(sample["index"], 0, self.cache.num_samples)
                 blob = self.cache.reader.read_images([partner_row])[0]
             else:
                 blob = self.source.read_key(key)
@@ -266,14 +277,17 @@ def eval_stream(val_cache: Cache | None, source: Source | None, teacher, num_cla
     if val_cache is not None:
         check_images(val_cache, source, "--val-cache", "--val-data")
         stream = ViewStream(cache=val_cache, with_maps=with_maps, **common)
-        samples = val_cache.samples
+        low, high = val_cache.label_range()
+        if not 0 <= low <= high < num_classes:
+            raise AttncacheError(f"--val-cache {val_cache.root}: labels {low}..{high}, outside the {num_classes} "
+                                 "training classes")
     else:
         samples = [s.to_json() for s in source.scan()]
         stream = ViewStream(samples=samples, policy=ViewPolicy(split="val", crop_pct=teacher.crop_pct), **common)
-    bad = next((s for s in samples if not 0 <= s["label"] < num_classes), None)
-    if bad is not None:
-        raise AttncacheError(f"validation sample {bad['key']!r}: label {bad['label']} outside the "
-                             f"{num_classes} training classes")
+        bad = next((s for s in samples if not 0 <= s["label"] < num_classes), None)
+        if bad is not None:
+            raise AttncacheError(f"validation sample {bad['key']!r}: label {bad['label']} outside the "
+                                 f"{num_classes} training classes")
     return stream
 
 
@@ -286,14 +300,19 @@ def check_images(cache: Cache, source: Source | None, cache_flag: str, data_flag
         return
     if source is None:
         raise AttncacheError(f"{cache_flag} {cache.root} does not embed images: pass {data_flag}")
-    keys = [s["key"] for s in cache.samples]
-    missing = source.missing_keys(keys)
+    missing = 0
+    for keys in cache.iter_keys():  # a chunk of keys at a time
+        absent = source.missing_keys(keys)
+        if absent and not missing:
+            example = absent[0]
+        missing += len(absent)
     if missing:
-        raise AttncacheError(f"{data_flag} {source.description}: {len(missing)} cached image(s) not found, "
-                             f"e.g. {missing[0]!r}")
-    spread = np.linspace(0, len(keys) - 1, min(SPOT_CHECKS, len(keys))).astype(int)
+        raise AttncacheError(f"{data_flag} {source.description}: {missing} cached image(s) not found, "
+                             f"e.g. {example!r}")
+    n = cache.num_samples
+    spread = np.linspace(0, n - 1, min(SPOT_CHECKS, n)).astype(int)
     for i in sorted(set(spread.tolist())):
-        sample = cache.samples[i]
+        sample = cache.sample_at(i)
         if hashlib.sha256(source.read_key(sample["key"])).hexdigest() != sample["sha256"]:
             raise AttncacheError(f"{data_flag} {source.where(sample['key'])}: differs from the image {cache_flag} "
                                  f"{cache.root} was extracted from (sha256 mismatch): wrong {data_flag}?")

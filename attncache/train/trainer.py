@@ -127,14 +127,18 @@ class Trainer:
             check_images(self.cache, source, "--cache", "--data")
             stream = ViewStream(cache=self.cache, with_maps=self.live_teacher is None and self.mode.needs_maps,
                                 **common)
-            samples, classes = self.cache.samples, self.cache.manifest["dataset"]["classes"]
-        else:
-            if source is None:
-                raise AttncacheError("pass --data (train images) or --cache")
-            samples = [s.to_json() for s in source.scan()]
-            stream = ViewStream(samples=samples, policy=ViewPolicy(split="train", augment=cfg.augment),
-                                depth=self.teacher.depth, **common)
-            classes = source.classes
+            classes = self.cache.manifest["dataset"]["classes"]
+            low, high = self.cache.label_range()
+            if low < 0:
+                raise AttncacheError(f"--cache {self.cache.root}: training needs labels, and some samples have "
+                                     "none (extract from class folders)")
+            return stream, max(len(classes), 1 + high)
+        if source is None:
+            raise AttncacheError("pass --data (train images) or --cache")
+        samples = [s.to_json() for s in source.scan()]
+        stream = ViewStream(samples=samples, policy=ViewPolicy(split="train", augment=cfg.augment),
+                            depth=self.teacher.depth, **common)
+        classes = source.classes
         unlabeled = next((s["key"] for s in samples if s["label"] < 0), None)
         if unlabeled is not None:
             raise AttncacheError(f"training needs labels: sample {unlabeled!r} has none (use class folders)")
@@ -178,7 +182,8 @@ class Trainer:
         if not self.mode.needs_maps:
             return None
         if self.live_teacher is not None:
-            return LiveMaps(self.live_teacher, self.layers, self.mode, self.teacher_drop_path)
+            return LiveMaps(self.live_teacher, self.layers, self.mode, self.teacher_drop_path,
+                            amp=self.cfg.amp and self.device.type == "cuda")  # as the engine's autocast
         return CachedMaps(cache, self.layers, self.mode, self.device) if cache is not None else None
 
     def _val_maps(self, evaluate: bool):

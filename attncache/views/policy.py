@@ -132,22 +132,25 @@ class ViewPolicy:
                       "augment": Augmentation(**d.get("augment", {}))})
 
     def draw(self, key: str, width: int, height: int, size: int, *, mean=IMAGENET_MEAN,
-             interpolation: str = "bicubic") -> list[View]:
-        """The unmixed views of one image. `size`, `mean`, `interpolation`: the teacher's input size (the val
-        crop and the augmentation depend on it), normalisation mean (RandAugment's fill colour) and filter."""
+             interpolation: str = "bicubic", only: int | None = None) -> list[View]:
+        """The unmixed views of one image (with `only`: just view `only`, which costs its own augmentation draw
+        alone). `size`, `mean`, `interpolation`: the teacher's input size (the val crop and the augmentation
+        depend on it), normalisation mean (RandAugment's fill colour) and filter."""
         if self.split == "val":
             return [center_crop_view(width, height, size, self.crop_pct)]
         rng = np.random.default_rng(key_seed(self.seed, key))
+        # the crops come from one stream in view order: view k needs the draws of views 0..k-1 (cheap)
         views = [random_resized_crop_view(rng, width, height, self.scale, self.ratio, self.hflip)
-                 for _ in range(self.views_per_image)]
+                 for _ in range(self.views_per_image if only is None else only + 1)]
+        indices = range(len(views)) if only is None else [only]
         a = self.augment
         if a.randaugment is None and a.erase_prob == 0:
-            return views
+            return [views[i] for i in indices]
         out = []
-        for index, view in enumerate(views):
+        for index in indices:
             rng = np.random.default_rng(key_seed(self.seed, key, "augment", index))
             ops = draw_randaugment(rng, a, size, mean, interpolation) if a.randaugment else ()
-            out.append(replace(view, augment=ops, erase=draw_erase(rng, a, size)))
+            out.append(replace(views[index], augment=ops, erase=draw_erase(rng, a, size)))
         return out
 
     def view(self, samples: list[dict], index: int, view_index: int, size: int, *, mean=IMAGENET_MEAN,
@@ -156,7 +159,7 @@ class ViewPolicy:
         `depth`, it also carries the teacher's drop-path masks when the policy draws them."""
         s = samples[index]
         canvas = dict(mean=mean, interpolation=interpolation)
-        view = self.draw(s["key"], s["width"], s["height"], size, **canvas)[view_index]
+        view = self.draw(s["key"], s["width"], s["height"], size, **canvas, only=view_index)[0]
         rate = self.augment.teacher_drop_path
         if rate > 0 and depth is not None:
             rng = np.random.default_rng(key_seed(self.seed, s["key"], "drop_path", view_index))
@@ -169,9 +172,11 @@ class ViewPolicy:
             return view
         lam, box = mix
         other = int(rng.integers(len(samples) - 1))
-        partner = samples[other + (other >= index)]
-        partner_view = self.draw(partner["key"], partner["width"], partner["height"], size, **canvas)[view_index]
-        return replace(view, mix=Mix(partner["key"], partner_view, lam, box))
+        other += other >= index
+        partner = samples[other]
+        partner_view = self.draw(partner["key"], partner["width"], partner["height"], size, **canvas,
+                                 only=view_index)[0]
+        return replace(view, mix=Mix(partner["key"], partner_view, lam, box, partner_index=other))
 
     def views(self, samples: list[dict], size: int, **canvas) -> list[View]:
         """Every record's view, in row order (view-major, as the cache stores them)."""

@@ -21,7 +21,7 @@ torchvision use for PIL inputs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -49,6 +49,9 @@ class Mix:
     view: View  # the partner's own view (never itself mixed)
     lam: float
     box: tuple[int, int, int, int] | None = None
+    # The partner's sample index in its cache (how format version 5 stores the partner; -1: not known). Not part
+    # of a view's identity: the key is.
+    partner_index: int = field(default=-1, compare=False)
 
     def to_json(self) -> dict:
         return {"partner": self.partner, "view": self.view.to_json(), "lam": float(self.lam),
