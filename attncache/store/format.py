@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import math
+import re
 from importlib import resources
 
 from ..codecs import get_codec
@@ -145,6 +146,7 @@ def _validator():
 
 
 SHARD_KEYS = frozenset(("index", "first_record", "records", "files"))
+FILE_PATH = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*")  # the schema's pattern of a file's path
 FILE_KEYS = frozenset(("path", "bytes", "sha256"))
 MAX_FILE_BYTES = 1 << 50
 
@@ -165,6 +167,10 @@ def _check_shard_entries(shards: list) -> None:
         if not ok:
             raise CacheFormatError(f"manifest: store.shards.{i}: expected {{index, first_record, records, files: "
                                    "[{path, bytes, sha256}]}} with integers in range and sha256 hex digests")
+        for j, f in enumerate(shard["files"]):
+            if len(f["path"]) > 512 or not FILE_PATH.fullmatch(f["path"]):
+                raise CacheFormatError(f"manifest: store.shards.{i}.files.{j}.path: {f['path'][:100]!r} is not a "
+                                       "relative path of letters, digits, '.', '_' and '-'")
 
 
 def parse_manifest(data: bytes) -> dict:
