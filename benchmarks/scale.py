@@ -25,9 +25,14 @@ the cache's and the source's files are read once just before, so their pages are
 4. train: `attncache.train.train(TrainConfig)` from the `at-distill` recipe, distilling the cached layer, with
    `--workers` loader workers and `--steps` steps: seconds from the train() call to the first optimizer step
    (a torch optimizer step hook), and the peak PSS of the whole process tree (the training process, forkserver
-   and workers: /proc/<pid>/smaps_rollup Pss summed over every descendant, sampled every 0.2 s);
+   and workers: /proc/<pid>/smaps_rollup Pss summed over every descendant, sampled every 0.2 s, or less often
+   where reading smaps_rollup would take more than 10 % of a core; the loader workers are checked to import the
+   same attncache as the training process);
 5. extraction (when the cache is built): wall time, peak RSS of the extraction process, its RSS growth per record
-   ((peak - RSS before extract()) / N) and the slope of RSS over the records written (at each finished shard).
+   ((peak - RSS before extract(), with timm imported and a teacher built) / N), the time and RSS before the
+   pipeline starts (scan, views drawn, index files) and the slope of RSS over the records written (at each
+   finished shard). One render thread by default (`--extract-workers`): the scan shares it, and a webdataset
+   source's scan on 2 threads reads wrong bytes (its shard files are shared between threads).
 
 Each row is printed as a markdown table row and appended as a JSON line to --results. Only the public API is
 used, so the same script measures any version of attncache (run it with PYTHONPATH=<checkout> to measure another):

@@ -315,9 +315,10 @@ def load_scan(out: Path) -> dict[str, dict]:
 
 def scan_logger(out: Path):
     """Where a scan in progress records what it has hashed, so a killed scan resumes (None: `out` is not ours to
-    write yet, e.g. it holds something else; that is an error later, at the claim). Appends, never rewrites:
+    write: it holds something else or a finished cache; a refusal comes at the claim). Appends, never rewrites:
     a kill leaves whole lines and at most one torn last line, which `load_scan` drops."""
-    if not (cache_dir(out).is_free() or cache_dir(out).is_ours()):
+    unfinished = (out / PLAN).is_file() and not (out / MANIFEST).exists()
+    if not (cache_dir(out).is_free() or unfinished):  # a finished cache or another's folder: never written to
         return None
 
     def log(samples, stamps) -> None:
