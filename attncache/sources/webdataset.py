@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import tarfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,7 +99,7 @@ class WebDatasetSource(Source):
         self.streamed = any(u.startswith("pipe:") for u in self.shards)
         self._members: MemberIndex | None = None
         self._shared: str | None = None  # the folder the index was saved in for this process's workers
-        self._files: dict[int, object] = {}  # open shard files of this process (never pickled)
+        self._files: dict[tuple[int, int], object] = {}  # open shard files of this process (never pickled)
 
     def __getstate__(self):
         state = {**self.__dict__, "_files": {}, "_members": None}
@@ -146,9 +147,12 @@ class WebDatasetSource(Source):
                                  "extract with --format wds --embed-images so the cache carries them")
         m = self._index().members[index]
         shard = int(m["shard"])
-        f = self._files.get(shard)
+        # one handle per thread and shard: the scan reads on a thread pool, and a shared handle's seek + read
+        # would interleave (another image's bytes, or a wrong sha256 recorded)
+        slot = (threading.get_ident(), shard)
+        f = self._files.get(slot)
         if f is None:
-            f = self._files[shard] = fsspec.open(self.shards[shard], "rb").open()
+            f = self._files[slot] = fsspec.open(self.shards[shard], "rb").open()
         f.seek(int(m["offset"]))
         return f.read(int(m["size"]))
 
