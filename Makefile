@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo_out
 
-.PHONY: install test test-slow demo bench bench-gpu prepare-gpu lint clean
+.PHONY: install test test-long test-slow demo bench bench-gpu prepare-gpu lint clean
 
 # (Re)install when the venv is missing or pyproject.toml changed since the last install.
 # pip runs with -qq: its errors still show, its warnings and the build backend's banners do not.
@@ -22,6 +22,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The walks of minutes (SIGKILL at random points, torchrun ranks, the scale bench): CI runs them after `make test`.
+test-long: $(STAMP)
+	$(BIN)/python -m pytest -q -m long
 
 test-slow: $(STAMP)
 	@$(BIN)/python -m pip install -qq -e '.[dev,bench]'

@@ -250,11 +250,14 @@ class Run:
                     "seconds": dict(self.budget.seconds), "elapsed_s": round(self.budget.elapsed(), 1),
                     "parts": dict(self.parts)}
 
-    def save(self) -> None:
+    def save(self) -> dict:
+        """Write the JSON and the table; returns the report written, so the printed table is the saved one (a
+        second `report()` would carry a later elapsed time)."""
         report = self.report()
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "bench_gpu.json").write_text(json.dumps(_jsonable(report), indent=2) + "\n")
         (self.out / "bench_gpu.md").write_text(table(report))
+        return report
 
     # -- 1. extraction ---------------------------------------------------------------------------------------
 
@@ -441,8 +444,7 @@ class Run:
                               ("parity", self.parity_section), ("train", self.train_section)):
             with self.budget.cap(name, caps.get(name, self.plan.budget_s)):
                 section()
-        self.save()
-        return self.report()
+        return self.save()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -523,8 +525,7 @@ def _watchdog(run: Run, after_s: float) -> threading.Timer:
     def stop():
         run.budget.errors.append(f"hard stop after {after_s:.0f} s: a part did not return")
         with contextlib.suppress(Exception):
-            run.save()
-            print(table(run.report()), flush=True)
+            print(table(run.save()), flush=True)
         os._exit(3)
 
     timer = threading.Timer(after_s, stop)

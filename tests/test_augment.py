@@ -374,6 +374,7 @@ torch.save({{"images": images, "lams": lams}}, {str(out)!r})
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
+@pytest.mark.long
 def test_training_pixels_equal_extraction_pixels_with_any_worker_count(tmp_path, tiny_teacher, image_folder):
     """What the teacher saw at extraction (recorded in-process) == what training renders, in other processes
     with 0 and 2 workers, bit for bit, for every record of every epoch."""

@@ -546,6 +546,7 @@ def test_inputs_klt_cache_trains_and_its_basis_file_is_checked(inputs_teachers, 
         open_cache(str(out))
 
 
+@pytest.mark.long
 def test_projections_and_basis_files_are_the_same_bytes_in_every_process(inputs_teachers):
     """safetensors writes `__metadata__` from a hash map seeded per process: without a canonical header the same
     projections were other bytes in a re-run, so a resumed `inputs` extraction was refused as a different cache."""

@@ -59,6 +59,7 @@ def single(tmp_path_factory, tiny_teacher, image_folder) -> Path:
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.long
 def test_torchrun_extraction_equals_one_process(tmp_path, ranks, single, tiny_teacher, image_folder):
     out = tmp_path / "cache"
     proc = subprocess.run([*TORCHRUN, str(ranks), *_extract_args(tiny_teacher, image_folder, out)], env=_env(),
@@ -119,6 +120,7 @@ def _kill_group_at_random_points(cmd: list[str], out: Path, kills: int, seed: in
     return seen
 
 
+@pytest.mark.long
 def test_sigkill_of_a_torchrun_extraction_at_random_points_resumes_to_the_same_cache(tmp_path, tiny_teacher,
                                                                                     image_folder):
     from conftest import make_image_folder
@@ -173,6 +175,7 @@ def _weights(run: Path, name: str = "model.safetensors") -> dict[str, torch.Tens
 
 
 @pytest.mark.parametrize("store", ["folder_fp32_zarr", "folder_fp16_wds"])
+@pytest.mark.long
 def test_two_rank_ddp_equals_one_process_with_the_same_global_batch(request, tmp_path, store, image_folder):
     """Global batch 2 = 1 per rank x 2 ranks; each global batch holds the same images as the single process's.
     DDP averages the two ranks' gradients of per-rank mean losses = the gradient of the global mean loss, so the
@@ -202,6 +205,7 @@ def test_two_rank_ddp_equals_one_process_with_the_same_global_batch(request, tmp
     assert a[0] != a[-1]  # it trained
 
 
+@pytest.mark.long
 def test_sigkill_of_a_ddp_run_at_random_steps_resumes_to_identical_weights(tmp_path, folder_fp32_zarr,
                                                                          image_folder):
     """2 ranks, drop-path on (each rank's RNG is in the checkpoint), EMA, a checkpoint every step; the whole
@@ -240,6 +244,7 @@ def test_sigkill_of_a_ddp_run_at_random_steps_resumes_to_identical_weights(tmp_p
     assert _losses(straight) == _losses(out)  # the metrics too: no line lost or written twice
 
 
+@pytest.mark.long
 def test_a_global_batch_that_does_not_divide_over_the_ranks_is_one_line(tmp_path, folder_fp32_zarr, image_folder):
     proc = subprocess.run([*TORCHRUN, "2", *_train_args(folder_fp32_zarr, image_folder, tmp_path / "r",
                                                          batch_size=3)],

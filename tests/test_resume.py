@@ -100,6 +100,7 @@ def reference_run(tmp_path_factory, kill_caches) -> tuple[Path, float]:
 # training
 
 
+@pytest.mark.long
 def test_ctrl_c_checkpoints_the_true_step(tmp_path, kill_caches, reference_run):
     """Regression: Ctrl-C mid-epoch saved the step the epoch started at (`step` was stale while `consumed` moved
     on), and the resumed run ended 7 steps in with other weights. Now the signal stops the loop at a step boundary,
@@ -182,6 +183,7 @@ def _kill_when(proc: subprocess.Popen, reached, delay: float) -> bool:
     return True
 
 
+@pytest.mark.long
 def test_sigkill_at_random_points_resumes_to_the_bit(tmp_path, kill_caches, reference_run):
     """SIGKILL of the whole process group at 10 random points, the same command re-run after each: 3 in start-up
     (by time), 7 after a random step plus a random delay (so they land mid-step, in checkpoint writes, in the
@@ -209,6 +211,7 @@ def test_sigkill_at_random_points_resumes_to_the_bit(tmp_path, kill_caches, refe
     assert not list(out.rglob("*.partial"))
 
 
+@pytest.mark.long
 def test_torn_metrics_line_is_dropped_not_fatal(tmp_path, kill_caches, reference_run):
     """Regression: a kill during a metrics write left a torn last line and the re-run died with JSONDecodeError.
     The torn tail is dropped, the lines before it are kept, and the finished run equals the uninterrupted one."""
@@ -224,6 +227,7 @@ def test_torn_metrics_line_is_dropped_not_fatal(tmp_path, kill_caches, reference
     assert not (out / "checkpoints" / ".last.pt.x1y2z3.partial").exists()
 
 
+@pytest.mark.long
 def test_worker_count_may_change_between_resumes(tmp_path, kill_caches, reference_run):
     """The batch sequence does not depend on the worker count, so a run stopped with 2 workers resumes with 0 or 3
     and still ends with the uninterrupted run's weights (for either store format)."""
@@ -254,6 +258,7 @@ def cache_contents(root: Path) -> tuple[dict, torch.Tensor, list, list]:
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "wds"])
+@pytest.mark.long
 def test_sigkill_extraction_at_random_points(tmp_path, kill_teacher, fmt):
     """SIGKILL at 10 random points of an extraction (right after the claim, mid-shard, between shards, around the
     manifest), re-run after each: the final cache equals an uninterrupted run's (every record decoded and compared,

@@ -7,12 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py"
 
 FIGURES = ["open_cold_s", "open_s", "first_view_s", "open_first_s", "random_row_us", "plan_zarr_s", "plan_wds_s",
            "first_step_s", "tree_pss_peak_mb", "extract_s", "extract_rss_peak_mb", "import_s", "train_s"]
 
 
+@pytest.mark.long
 def test_scale_bench_small(tmp_path):
     work = tmp_path / "work"
     cmd = [sys.executable, str(SCRIPT), "--records", "200", "--work", str(work), "--label", "test", "--workers",
