@@ -92,11 +92,13 @@ class Faults:
         self.count = self.injected = 0
         self.lock = threading.Lock()
         self.paths: list[str] = []
+        self.methods: list[str] = []  # of each request in `paths`
 
-    def next(self, path: str) -> str | None:
+    def next(self, path: str, method: str = "GET") -> str | None:
         with self.lock:
             self.count += 1
             self.paths.append(path)
+            self.methods.append(method)
             if self.persistent is not None and self.persistent in path:
                 self.injected += 1
                 return "503"
@@ -122,7 +124,7 @@ def fault_proxy(upstream: str, faults: Faults) -> Server:
             self._forward("GET")
 
         def _forward(self, method):
-            fault = faults.next(self.path)
+            fault = faults.next(self.path, method)
             if fault == "503":
                 body = b"try again"
                 self.send_response(503)
@@ -135,7 +137,8 @@ def fault_proxy(upstream: str, faults: Faults) -> Server:
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
             conn = http.client.HTTPConnection(host, int(port), timeout=30)
-            headers = {k: v for k, v in self.headers.items() if k.lower() in ("range",)}
+            headers = {k: v for k, v in self.headers.items()  # an S3 request's credentials go through too
+                       if k.lower() in ("range", "authorization") or k.lower().startswith("x-amz-")}
             conn.request(method, self.path, headers=headers)
             r = conn.getresponse()
             body = r.read()

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import as_version_4
-from servers import Faults, fault_proxy, static_server
+from servers import Faults, S3Server, fault_proxy, static_server
 
 from attncache import open_cache
 from attncache.errors import AttncacheError, CacheFormatError
@@ -253,6 +253,35 @@ def test_remote_training_with_four_workers_fetches_each_table_once(tmp_path, rec
     # once each; the key index only by a lookup by key, which training from a cache of embedded images never does
     assert fetched == {**{name: 1 for name in TABLES}, "key_index.bin": 0}, fetched
     assert sum(p.endswith("/c/manifest.json") for p in faults.paths) == 1  # the workers get the bytes, not a URL
+
+
+def test_s3_training_with_four_workers_fetches_each_table_once(tmp_path, recipe_wds):
+    """The same over S3 (moto's server behind the counting proxy, path-style requests): each table one GET."""
+    import s3fs
+
+    from attncache.train import TrainConfig, train
+
+    s3 = S3Server()
+    faults = Faults()
+    proxy = fault_proxy(s3.endpoint, faults)
+    try:
+        s3fs.S3FileSystem(**s3.options, skip_instance_cache=True).put(str(recipe_wds), f"{s3.bucket}/c",
+                                                                         recursive=True)
+        options = {"key": "testing", "secret": "testing", "endpoint_url": proxy.url, "retries": 2, "backoff": 0.01,
+                   "cache_dir": str(tmp_path / "mirror")}
+        train(TrainConfig(mode="distill", out=str(tmp_path / "run"), cache=f"s3://{s3.bucket}/c", epochs=1,
+                          batch_size=4, workers=4, progress=False, log_every=1, lr=1e-3, warmup_epochs=0.5,
+                          storage_options=options, drop_path=0.2))
+    finally:
+        proxy.close()
+        s3.close()
+    paths = [p.split("?")[0] for p in faults.paths]
+    fetched = {name: sum(p.endswith(f"/c/{name}") for p in paths) for name in TABLES}
+    requests = list(zip(faults.methods, paths, strict=True))
+    assert fetched == {**{name: 1 for name in TABLES}, "key_index.bin": 0}, (fetched, requests)
+    # every request of a table counted (no HEAD first); the manifest read once (its size is unknown: one HEAD)
+    assert [m for m, p in requests if p.endswith("/c/manifest.json")] == ["HEAD", "GET"]
+    assert any(p.endswith(".tar") for p in paths)  # the maps came through the proxy too
 
 
 def test_an_unknown_row_selection_is_one_line(recipe_copy):

@@ -112,8 +112,10 @@ class CacheFS:
             raise AttncacheError(f"{self.url}: cannot open ({type(exc).__name__}: {_one_line(exc)})") from exc
         self.root = self.root.rstrip("/") or "/"
         self.local = type(self.fs) is LocalFileSystem  # a subclass or wrapper may add rules: go through fsspec
-        self.http = not self.local and "http" in (self.fs.protocol if isinstance(self.fs.protocol, tuple)
-                                                  else (self.fs.protocol,))
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        self.http = not self.local and "http" in protocols
+        # backends whose open() takes the size the manifest states, so that a whole-file GET needs no HEAD first
+        self.sized_open = self.http or bool({"s3", "s3a"} & set(protocols))
         self.known: dict[str, dict] = {}  # rel -> {path, bytes, sha256} from a validated manifest (Cache sets it)
         self.mirror = None
         self.mirror_only: set[str] | None = None  # with the default mirror: the files read through it
@@ -213,8 +215,17 @@ class CacheFS:
             return os.fdopen(self._open_local(rel), "rb")
         if self._mirrored(rel):
             return open(self.mirror.fetch(self, rel), "rb")
-        size = self.known.get(rel, {}).get("bytes") if self.http else None
-        return self.fs.open(self.path(rel), "rb", **({"size": size} if size else {}))  # size known: no HEAD
+        return self.open_remote(rel)
+
+    def open_remote(self, rel: str, **options):
+        """The remote file object of `rel`, its size taken from the manifest where the backend allows it, so a
+        read makes no HEAD request first: fsspec's HTTPFile asks for the size, s3fs's file for its details (an
+        ETag it compares on each range; the manifest's sha256 is our check)."""
+        size = self.known.get(rel, {}).get("bytes") if self.sized_open else None
+        f = self.fs.open(self.path(rel), "rb", **options, **({"size": size} if size is not None else {}))
+        if size is not None and getattr(f, "_details", False) is None:
+            f.details = {"name": self.path(rel), "size": size, "type": "file"}
+        return f
 
     def size(self, rel: str) -> int:
         if self.local:

@@ -59,8 +59,7 @@ class Mirror:
         fd, tmp = tempfile.mkstemp(dir=local.parent, prefix=f".{local.name}.", suffix=PARTIAL_SUFFIX)
         try:
             h, n = hashlib.sha256(), 0
-            sized = {"size": entry["bytes"]} if fs.http else {}  # no HEAD request first
-            with os.fdopen(fd, "wb") as out, fs.fs.open(fs.path(rel), "rb", block_size=BLOCK, **sized) as src:
+            with os.fdopen(fd, "wb") as out, fs.open_remote(rel, block_size=BLOCK) as src:  # no HEAD first
                 while block := src.read(min(BLOCK, entry["bytes"] + 1 - n)):
                     h.update(block)
                     out.write(block)
