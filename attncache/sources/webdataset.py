@@ -10,6 +10,7 @@ key (extract such data with --embed-images, and the cache carries the images).
 
 from __future__ import annotations
 
+import os
 import re
 import tarfile
 import threading
@@ -21,7 +22,9 @@ import numpy as np
 from braceexpand import braceexpand
 
 from ..errors import AttncacheError
+from ..store.fs import is_url, node_mirror_dir
 from .base import Entry, Source
+from .tar_index import NodeMemo, Unsupported, local_reader, walk
 
 WDS_IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff")
 WDS_LABEL_FIELDS = ("cls", "label", "class", "target")
@@ -50,16 +53,19 @@ class MemberIndex:
         self.members, self.keys, self.by_hash = members, keys, by_hash
 
     @classmethod
-    def build(cls, members: list[_Member]) -> MemberIndex:
+    def from_listings(cls, listings: list[tuple[int, dict]], limit: int | None = None) -> MemberIndex:
+        """The index of (shard number, listing) pairs (`_listing`), concatenated in order; the first `limit`."""
         from ..store.records import key_index_rows
 
-        encoded = [m.key.encode() for m in members]
-        rows = np.zeros(len(members), MEMBER_DTYPE)
-        for name in ("shard", "offset", "size", "label"):
-            rows[name] = [getattr(m, name) for m in members]
-        rows["key_bytes"] = [len(k) for k in encoded]
+        cat = {name: np.concatenate([x[name] for _, x in listings]) for name in ("offset", "size", "label",
+                                                                                  "key_bytes", "keys", "hash")}
+        cat["shard"] = np.concatenate([np.full(len(x["offset"]), shard, "<u4") for shard, x in listings])
+        n = len(cat["offset"]) if limit is None else min(limit, len(cat["offset"]))
+        rows = np.zeros(n, MEMBER_DTYPE)
+        for name in ("shard", "offset", "size", "label", "key_bytes"):
+            rows[name] = cat[name][:n]
         rows["key_offset"] = np.cumsum(rows["key_bytes"]) - rows["key_bytes"]
-        return cls(rows, np.frombuffer(b"".join(encoded), np.uint8), key_index_rows([m.key for m in members]))
+        return cls(rows, cat["keys"][:int(rows["key_bytes"].sum())], key_index_rows(hashes=cat["hash"][:n]))
 
     def __len__(self) -> int:
         return len(self.members)
@@ -177,37 +183,80 @@ class WebDatasetSource(Source):
         if self._members is None:
             if self.streamed:
                 members = [_Member(key, label, 0, 0, 0) for (key, label), _ in self._stream(keep_bytes=False)]
+                listings = [(0, _listing(members[:self.limit] if self.limit is not None else members))]
             else:
-                members = [m for shard in range(len(self.shards)) for m in self._index_shard(shard)]
-            if self.limit is not None:
-                members = members[:self.limit]
-            if not members:
+                listings = self._list_shards()
+            if not sum(len(x["offset"]) for _, x in listings):
                 raise AttncacheError(f"--data {self.urls}: no samples")
-            self._members = MemberIndex.build(members)
+            self._members = MemberIndex.from_listings(listings, self.limit)
         return self._members
 
-    def _index_shard(self, shard: int) -> list[_Member]:
+    def _list_shards(self) -> list[tuple[int, dict]]:
+        """Every shard's listing, in shard order. Without a limit each process starts at a shard of its own (by
+        pid): the ranks of a node then list different shards at once and map each other's (tar_index.NodeMemo)."""
+        n = len(self.shards)
+        listings: list[dict | None] = [None] * n
+        start = 0 if self.limit is not None else os.getpid() % n
+        count = 0
+        for i in range(n):
+            shard = (start + i) % n
+            listings[shard] = self._list_shard(shard)
+            count += len(listings[shard]["offset"])
+            if self.limit is not None and count >= self.limit:
+                break
+        return [(shard, x) for shard, x in enumerate(listings) if x is not None]
+
+    def _list_shard(self, shard: int) -> dict:
         url = self.shards[shard]
         try:
-            with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-                return list(self._members_of(tar, shard, url))
+            if is_url(url):  # remote: walked through fsspec's file (seek + read), not kept on the node
+                with fsspec.open(url, "rb") as f:
+                    return self._listing_of(url, shard, lambda at, n: (f.seek(at), f.read(n))[1], f.size)
+            path = url.removeprefix("file://")
+            st = os.stat(path)
+            identity = f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
+            memo = NodeMemo(node_mirror_dir() / "wds-index")
+            listing = memo.load(identity)
+            if listing is None:
+                with memo.locked(identity):
+                    listing = memo.load(identity)  # another rank of the node may have listed it meanwhile
+                    if listing is None:
+                        read_at, size, close = local_reader(path)
+                        try:
+                            listing = self._listing_of(url, shard, read_at, size)
+                        finally:
+                            close()
+                        memo.save(identity, listing)
+            return listing
         except AttncacheError:
             raise
         except (OSError, tarfile.TarError, ValueError) as exc:  # missing shard, broken tar, unreachable URL
             raise AttncacheError(f"--data {url}: cannot read webdataset shard ({exc})") from exc
 
-    def _members_of(self, tar: tarfile.TarFile, shard: int, url: str):
+    def _listing_of(self, url: str, shard: int, read_at, size: int) -> dict:
+        try:
+            members = [(name, offset, n, lambda o=offset, n=n: read_at(o, n))
+                       for name, offset, n in walk(read_at, size)]
+        except Unsupported:  # a header the fast walk does not parse: tarfile lists this shard
+            with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+                members = [(info.name, info.offset_data, info.size, lambda info=info: tar.extractfile(info).read())
+                           for info in tar if info.isfile()]
+                return _listing(list(self._members_of(members, shard, url)))
+        return _listing(list(self._members_of(members, shard, url)))
+
+    def _members_of(self, members, shard: int, url: str):
+        """Members (name, data offset, size, read) grouped into samples by key, as webdataset groups them."""
         groups: dict[str, dict] = {}
-        for info in tar:
-            match = _KEY_EXT.match(info.name)
-            if not info.isfile() or match is None:
+        for name, offset, size, read in members:
+            match = _KEY_EXT.match(name)
+            if match is None:
                 continue
             key, ext = match.groups()
             group = groups.setdefault(key, {"order": len(groups)})
             if ext.lower() in WDS_IMAGE_FIELDS and "image" not in group:
-                group["image"] = (info.offset_data, info.size)
-            elif ext in WDS_LABEL_FIELDS and "label" not in group and info.size <= MAX_LABEL_BYTES:
-                group["label"] = tar.extractfile(info).read()
+                group["image"] = (offset, size)
+            elif ext in WDS_LABEL_FIELDS and "label" not in group and size <= MAX_LABEL_BYTES:
+                group["label"] = read()
         for key, group in groups.items():
             if "image" not in group:
                 raise AttncacheError(f"--data {url}: sample {key!r} has no image field ({', '.join(WDS_IMAGE_FIELDS)})")
@@ -232,6 +281,18 @@ class WebDatasetSource(Source):
             raise
         except Exception as exc:  # noqa: BLE001 - the pipe's command failed, a broken tar, ...
             raise AttncacheError(f"--data {self.urls}: cannot read webdataset ({exc})") from exc
+
+
+def _listing(members: list[_Member]) -> dict:
+    """One shard's samples as arrays (what tar_index.NodeMemo keeps): offset, size, label, key_bytes, keys and
+    their hashes (not the shard's number: the same tar may be another number in another source)."""
+    from ..store.records import key_hashes
+
+    encoded = [m.key.encode() for m in members]
+    return {"offset": np.array([m.offset for m in members], "<u8"), "size": np.array([m.size for m in members], "<u8"),
+            "label": np.array([m.label for m in members], "<i8"),
+            "key_bytes": np.array([len(k) for k in encoded], "<u4"),
+            "keys": np.frombuffer(b"".join(encoded), np.uint8).copy(), "hash": key_hashes([m.key for m in members])}
 
 
 def _parse_label(raw: bytes | None, key: str, where: str) -> int:

@@ -176,10 +176,16 @@ def sample_rows(samples, key_offset: int = 0) -> tuple[np.ndarray, bytes]:
     return rows, b"".join(keys)
 
 
-def key_index_rows(keys) -> np.ndarray:
-    rows = np.zeros(len(keys), KEY_INDEX_DTYPE)
-    rows["hash"] = np.fromiter((key_hash(k) for k in keys), np.uint64, len(keys))
-    rows["sample"] = np.arange(len(keys), dtype=np.uint64)
+def key_hashes(keys) -> np.ndarray:
+    return np.fromiter((key_hash(k) for k in keys), np.uint64, len(keys))
+
+
+def key_index_rows(keys=None, hashes: np.ndarray | None = None) -> np.ndarray:
+    """The key index of `keys` (or of their `key_hashes`): (hash, sample) sorted by hash, then sample."""
+    hashes = key_hashes(keys) if hashes is None else hashes
+    rows = np.zeros(len(hashes), KEY_INDEX_DTYPE)
+    rows["hash"] = hashes
+    rows["sample"] = np.arange(len(hashes), dtype=np.uint64)
     return rows[np.lexsort((rows["sample"], rows["hash"]))]
 
 

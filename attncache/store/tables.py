@@ -204,9 +204,10 @@ class TableReader:
             raise IndexError(f"{self.where()}: row {bad} outside 0..{self.rows - 1}")
         out = np.empty(len(indices), self.dtype)
         blocks = indices // self.rows_per_block
-        for b in np.unique(blocks):
-            at = np.flatnonzero(blocks == b)
-            out[at] = self.block(int(b))[indices[at] - b * self.rows_per_block]
+        order = np.argsort(blocks, kind="stable")  # the indices grouped by block: O(n log n), not O(n x blocks)
+        firsts, starts = np.unique(blocks[order], return_index=True)
+        for b, at in zip(firsts.tolist(), np.split(order, starts[1:]), strict=True):
+            out[at] = self.block(b)[indices[at] - b * self.rows_per_block]
         return out
 
     def slice(self, start: int, stop: int) -> np.ndarray:
