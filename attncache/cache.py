@@ -67,7 +67,7 @@ class Cache:
             raise CacheFormatError(f"{self.fs.where(MANIFEST)}: sha256 {self.manifest_sha256[:16]}..., expected "
                                    f"{manifest_sha256[:16]}... (not the cache that was published, or it changed "
                                    "since it was opened)")
-        self._manifest_bytes = data
+        self.manifest_bytes = data  # exactly what was read, validated and (with manifest_sha256) pinned
         try:
             # `validated`: bytes this process's parent validated (a loader worker): parsed, not checked again
             self.manifest = loads_strict(data) if validated else parse_manifest(data)
@@ -106,7 +106,7 @@ class Cache:
         # A DataLoader worker reopens the cache with the same filesystem options and the manifest bytes this
         # process read and validated (sha256-bound): no worker fetches the manifest again, and none can see
         # another cache than the main process.
-        return _reopen, (self.root, self.fs.storage_options, self.manifest_sha256, self._manifest_bytes)
+        return _reopen, (self.root, self.fs.storage_options, self.manifest_sha256, self.manifest_bytes)
 
     @property
     def storage_options(self) -> dict:

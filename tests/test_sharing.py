@@ -292,6 +292,27 @@ def test_copy_between_local_s3_and_https_is_verified_and_resumable(tmp_path, s3,
     assert not (tmp_path / "other").exists()
 
 
+def test_copy_writes_the_manifest_it_pinned_even_if_the_source_changes_meanwhile(tmp_path, folder_fp16_zarr,
+                                                                                 monkeypatch):
+    """Regression: copy checked the pin on one read of the manifest and wrote a second read of it, so a source
+    that changed in between (a re-published cache) left a copy whose manifest was not the pinned one."""
+    import attncache.tools.copy as copy_module
+
+    src = tmp_path / "src"
+    shutil.copytree(folder_fp16_zarr, src)
+    pinned = hashlib.sha256((src / "manifest.json").read_bytes()).hexdigest()
+
+    def open_then_republish(*args, **kwargs):
+        cache = open_cache(*args, **kwargs)
+        (src / "manifest.json").write_bytes((src / "manifest.json").read_bytes() + b"\n")
+        return cache
+
+    monkeypatch.setattr(copy_module, "open_cache", open_then_republish)
+    copy_cache(str(src), str(tmp_path / "dst"), manifest_sha256=pinned)
+    assert hashlib.sha256((tmp_path / "dst" / "manifest.json").read_bytes()).hexdigest() == pinned
+    verify_cache(str(tmp_path / "dst"))
+
+
 def test_copy_refuses_a_damaged_source_and_writes_no_manifest(tmp_path, folder_fp16_zarr):
     src = tmp_path / "src"
     shutil.copytree(folder_fp16_zarr, src)

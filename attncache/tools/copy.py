@@ -24,7 +24,7 @@ def copy_cache(src: str, dst: str, src_options: dict | None = None, dst_options:
     target = CacheFS(dst, dst_options)
     if target.http:
         raise AttncacheError(f"{dst}: an HTTP(S) server is read-only here; copy to a local directory or s3://")
-    manifest_bytes = cache.fs.read(MANIFEST, MAX_MANIFEST_BYTES)
+    manifest_bytes = cache.manifest_bytes  # the bytes the pin was checked on (a second read could differ)
     if _exists(target, MANIFEST):
         if target.read(MANIFEST, MAX_MANIFEST_BYTES) == manifest_bytes:
             pass  # a finished copy of this cache (or a resumed one): each file is still checked below
