@@ -9,6 +9,11 @@ class CacheFormatError(AttncacheError):
     """A cache (possibly from another lab) violates the format spec or fails an integrity check."""
 
 
+class DiskFullError(AttncacheError):
+    """A filesystem has too little room: a write failed with ENOSPC or EDQUOT (its temporary file is removed), or
+    a check before the work found too little free space. Free some (or choose another place) and run again."""
+
+
 class RunInterrupted(KeyboardInterrupt):
     """A run stopped by Ctrl-C or SIGTERM at a step boundary, after saving a checkpoint: re-run to resume.
     (A KeyboardInterrupt, so that code catching Exception does not swallow it.)"""

@@ -4,21 +4,35 @@
   see the old file or the new one, never half of one. The result gets the mode any file the user creates gets
   (0666 minus the umask): a cache is meant to be shared.
 - `loads_strict`: JSON that refuses duplicate keys, NaN and Infinity (a cache is untrusted input; `{"a": 1, "a":
-  2}` must not silently mean 2).
+  2}` must not silently mean 2), and nesting deeper than `MAX_JSON_DEPTH` (a RecursionError is no error message).
 - `AppendLog`: one JSON object per line, appended; a torn last line (a kill during the write) is dropped on open,
   never the lines before it.
+- A full filesystem (ENOSPC, or the user's quota, EDQUOT) is a `DiskFullError` naming the file and the bytes it
+  needed; `free_bytes` is what a check before the work compares its estimate with.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
+import re
+import shutil
 import tempfile
 import threading
 from pathlib import Path
 
+import numpy as np
+
+from .errors import DiskFullError
+
 PARTIAL_SUFFIX = ".partial"  # every temporary file ends so (ours and zarr's LocalStore's): never a format file
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # the filesystem is full, or the user's quota on it is
+# Deeper than any file this tool writes (a manifest nests 6 levels), far below the ~1000 at which json (and
+# everything that walks the parsed value: the schema check, dumps_canonical) runs out of stack.
+MAX_JSON_DEPTH = 64
 
 _umask: int | None = None
 _umask_lock = threading.Lock()
@@ -34,9 +48,50 @@ def file_mode() -> int:
     return 0o666 & ~_umask
 
 
+def free_bytes(path: str | Path) -> int:
+    """Bytes this user may still write on the filesystem holding `path` (or where it would be created)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def disk_full(path: str | Path, needed: int | None) -> DiskFullError:
+    """The one-line error of a write that found no room (nothing partial of it is left)."""
+    try:
+        free = f"{free_bytes(path):,}"
+    except OSError:
+        free = "unknown"
+    what = f"needed {needed:,} bytes" if needed is not None else "a write failed"
+    return DiskFullError(f"{path}: no space left on device ({what}, {free} bytes free there); free some space "
+                         "and run the same command again: it resumes (nothing partial was kept)")
+
+
+@contextlib.contextmanager
+def disk_full_names(path: str | Path):
+    """Turn ENOSPC/EDQUOT from writes made elsewhere (zarr's metadata, the record tables, the scan log) into a
+    DiskFullError naming the file, else `path`: a full disk is one line, not a traceback, wherever it fills."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in NO_SPACE:
+            raise
+        raise disk_full(exc.filename or path, None) from exc
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` atomically, with the mode a newly created file would have."""
+    """Write `data` to `path` atomically, with the mode a newly created file would have. A full disk raises
+    DiskFullError (the temporary file removed, `path` as it was)."""
     path = Path(path)
+    try:
+        _atomic_write(path, data)
+    except OSError as exc:
+        if exc.errno not in NO_SPACE:
+            raise
+        raise disk_full(path, len(data)) from exc
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX)
     try:
@@ -81,8 +136,29 @@ def _no_constants(name):
     raise StrictJSONError(f"{name} is not a JSON number")
 
 
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string: brackets inside it do not nest
+_NESTING = np.zeros(256, np.int8)
+_NESTING[[ord("["), ord("{")]], _NESTING[[ord("]"), ord("}")]] = 1, -1
+
+
+def json_depth(data: bytes) -> int:
+    """How deeply arrays and objects nest in JSON text (0 for a scalar), counted without parsing it."""
+    steps = _NESTING[np.frombuffer(_STRING.sub(b"", data), np.uint8)]
+    return int(np.cumsum(steps, dtype=np.int64).max(initial=0))
+
+
+def _check_depth(data: bytes | str) -> None:
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:  # the common case (a metrics or scan line): no scan
+        return
+    if (depth := json_depth(raw)) > MAX_JSON_DEPTH:
+        raise StrictJSONError(f"arrays or objects nested {depth} deep (at most {MAX_JSON_DEPTH})")
+
+
 def loads_strict(data: bytes | str):
-    """json.loads that raises StrictJSONError (a ValueError) on duplicate keys, NaN, Infinity or bad syntax."""
+    """json.loads that raises StrictJSONError (a ValueError) on duplicate keys, NaN, Infinity, bad syntax or
+    nesting deeper than MAX_JSON_DEPTH (checked first: json itself would raise RecursionError)."""
+    _check_depth(data)
     try:
         return json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
     except json.JSONDecodeError as exc:
@@ -126,8 +202,16 @@ class AppendLog:
     def append(self, record: dict) -> None:
         # A diverged loss is worth recording, but NaN is not JSON: non-finite numbers are written as null.
         clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-        with open(self.path, "ab") as f:  # created with 0666 minus the umask, like any file
-            f.write(json.dumps(clean, allow_nan=False).encode() + b"\n")
+        line = json.dumps(clean, allow_nan=False).encode() + b"\n"
+        size = self.path.stat().st_size if self.path.exists() else 0
+        try:
+            with open(self.path, "ab") as f:  # created with 0666 minus the umask, like any file
+                f.write(line)
+        except OSError as exc:
+            if exc.errno not in NO_SPACE:
+                raise
+            os.truncate(self.path, size)  # no torn line left behind (truncating needs no room)
+            raise disk_full(self.path, len(line)) from exc
         self.lines += 1
 
     def sync(self) -> None:

@@ -20,27 +20,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import AttncacheError
-from .files import StrictJSONError, atomic_write_json, dumps_canonical, read_json, remove_partials
+from .files import StrictJSONError, atomic_write_json, read_json, remove_partials
 
 NEW, RESUME, FINISHED, RECLAIM = "new", "resume", "finished", "reclaim"
-
-
-def plan_differences(old: dict, new: dict) -> list[str]:
-    """Top-level keys whose values differ (what an error names)."""
-    keys = sorted(set(old) | set(new))
-    return [k for k in keys if dumps_canonical(old.get(k)) != dumps_canonical(new.get(k))]
 
 
 class RunDir:
     def __init__(self, path: str | Path, *, kind: str, plan_file: str, done_file: str,
                  started: Callable[[Path, dict], bool],
                  recorded_plan: Callable[[Path], dict] | None = None,
-                 differences: Callable[[dict, dict], list[str]] = plan_differences,
+                 differences: Callable[[dict, dict], list[str]],
                  discard: Callable[[Path, dict], None] | None = None, unclaimed: tuple[str, ...] = ()):
-        """`started(path, old_plan)`: has the run produced anything of value? `recorded_plan(path)`: the plan on
-        disk (default: the plan file). `discard(path, old_plan)`: remove an unstarted run's files. `unclaimed`:
-        files (`folder/name`) a run writes before it claims the directory: a directory holding only those is
-        free."""
+        """`started(path, old_plan)`: has the run produced anything of value? `differences(old, new)`: the parts
+        of the plan that differ (what a refusal names; each kind of run compares its own). `recorded_plan(path)`:
+        the plan on disk (default: the plan file). `discard(path, old_plan)`: remove an unstarted run's files.
+        `unclaimed`: files (`folder/name`) a run writes before it claims the directory: a directory holding only
+        those is free."""
         self.path, self.kind = Path(path), kind
         self.plan_file, self.done_file = plan_file, done_file
         self._started, self._differences, self._discard = started, differences, discard

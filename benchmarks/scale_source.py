@@ -26,7 +26,7 @@ import os, sys, time, tarfile, resource
 from attncache.sources.webdataset import WebDatasetSource
 urls, how = sys.argv[1], sys.argv[2]
 source = WebDatasetSource(urls)
-start = time.perf_counter()
+start, cpu = time.perf_counter(), time.process_time()
 if how == "tarfile":
     n = 0
     for url in source.shards:
@@ -37,7 +37,8 @@ if how == "tarfile":
                 n += info.name.endswith(".jpg")
 else:
     n = len(source._index())
-print(n, time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print(n, time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      time.process_time() - cpu)
 """
 
 
@@ -60,18 +61,18 @@ def build(root: Path, n: int) -> str:
     return urls
 
 
-def listing(urls: str, how: str, memo: Path) -> tuple[int, float, float]:
+def listing(urls: str, how: str, memo: Path) -> tuple[int, float, float, float]:
     env = {**os.environ, "ATTNCACHE_MIRROR_DIR": str(memo)}
     out = subprocess.run([sys.executable, "-c", CHILD, urls, how], env=env, check=True, capture_output=True,
                          text=True).stdout.split()
-    return int(out[0]), float(out[1]), float(out[2])
+    return int(out[0]), float(out[1]), float(out[2]), float(out[3])
 
 
 def main() -> None:
     work, sizes = Path(sys.argv[1]), [int(x) for x in sys.argv[2:]]
-    print("| images | tars | tarfile s | header walk, empty memo s | memo filled s | µs/image (tarfile / walk / "
-          "memo) | peak RSS MB (memo filled) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| images | tars | tarfile s | header walk, empty memo s | memo filled s | CPU µs/image (tarfile / walk / "
+          "memo) | peak RSS MB (memo filled) | load |")
+    print("|---|---|---|---|---|---|---|---|")
     for n in sizes:
         start = time.perf_counter()
         urls = build(work / f"n{n}", n)
@@ -82,9 +83,10 @@ def main() -> None:
             f.read_bytes()
         seen = [listing(urls, "tarfile", memo), listing(urls, "walk", memo), listing(urls, "walk", memo)]
         assert len({s[0] for s in seen}) == 1, seen
-        t = [s[1] for s in seen]
+        t, cpu = [s[1] for s in seen], [s[3] for s in seen]
         print(f"| {n:,} | {-(-n // PER_TAR):,} | {t[0]:.2f} | {t[1]:.2f} | {t[2]:.2f} | "
-              f"{' / '.join(f'{x / n * 1e6:.1f}' for x in t)} | {seen[2][2]:.0f} |", flush=True)
+              f"{' / '.join(f'{x / n * 1e6:.1f}' for x in cpu)} | {seen[2][2]:.0f} | {os.getloadavg()[0]:.1f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -154,6 +154,8 @@ def extract(
     stage: Path | None = typer.Option(None, help="--out URL: local staging directory (default under "
                                                   "~/.cache/attncache/stage)"),
     storage_option: StorageOption = [],  # noqa: B006
+    ignore_free_space: bool = typer.Option(False, "--ignore-free-space", help="start even when OUT (or --stage) "
+                                           "clearly has too little room for the estimated cache"),
     quiet: bool = typer.Option(False, help="no progress output"),
 ):
     """Run the teacher once over DATA and write its attention maps to OUT."""
@@ -169,7 +171,7 @@ def extract(
             amp=amp, seed=seed, records_per_shard=shard_records, num_shards=num_shards, shard_index=shard_index,
             embed_images=embed_images, workers=workers,
             limit=limit, repair=repair, progress=not quiet, stage=str(stage) if stage else None,
-            storage_options=storage_options(storage_option),
+            storage_options=storage_options(storage_option), ignore_free_space=ignore_free_space,
             **augmentation(randaugment, erase_prob, erase_mode, erase_count, mixup, cutmix, mix_prob, mix_switch,
                            teacher_drop_path))
         manifest = run_extract(extract_config(recipe, **typed_only(ctx, options, recipe)))
@@ -513,6 +515,19 @@ def viz(
                          teacher=teacher_options(teacher, weights, pretrained, image_size, teacher_arg),
                          checkpoint=str(checkpoint) if checkpoint else None, layers=layers, heads=heads,
                          query=query, storage_options=storage_options(storage_option, cache_dir))
+    except AttncacheError as exc:
+        _fail(exc)
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def plot(run: list[Path] = typer.Argument(..., help="training run directories (each read from its metrics.jsonl)"),
+         out: Path = typer.Option(..., help="PNG to write")):
+    """Loss and val top-1 curves of training runs in one PNG, one colour per run."""
+    from attncache.tools.plot import plot_runs
+
+    try:
+        path = plot_runs(run, out)
     except AttncacheError as exc:
         _fail(exc)
     typer.echo(f"wrote {path}")

@@ -180,7 +180,8 @@ class S3Server:
         import s3fs
 
         fs = s3fs.S3FileSystem(**self.options, skip_instance_cache=True)
-        fs.mkdir(bucket)
+        if not fs.exists(bucket):  # moto's buckets live in the process: another server of this session made it
+            fs.mkdir(bucket)
         self.bucket = bucket
 
     def close(self):

@@ -56,8 +56,9 @@ def test_bench_extract_figures_relate_as_documented(tmp_path, tiny_teacher):
     """Regression: `bench extract` timed its "plain inference" baseline on the hooked, explicit-path teacher and
     reported an efficiency of 1.23. The bound is min(teacher+capture, encode+write), so efficiency = extract /
     bound cannot exceed 1 beyond timing noise, and the serial estimate is never above the bound."""
+    # the best of 3 of each rate: one burst of another job's load on a shared machine must not order them
     r = bench_extract(ExtractBench(teacher=tiny_teacher.options(), data="demo:2", out=str(tmp_path / "b"),
-                                   batch_size=4, views=2, repeats=1))
+                                   batch_size=4, views=2, repeats=3))
     assert r["payload"] == "probs" and r["views"] == 16
     assert r["bound_views_per_s"] == round(min(r["teacher_with_capture_views_per_s"],
                                                r["encode_write_views_per_s"]), 2)

@@ -261,7 +261,7 @@ def test_s3_training_with_four_workers_fetches_each_table_once(tmp_path, recipe_
 
     from attncache.train import TrainConfig, train
 
-    s3 = S3Server()
+    s3 = S3Server(bucket="fetch-once")
     faults = Faults()
     proxy = fault_proxy(s3.endpoint, faults)
     try:

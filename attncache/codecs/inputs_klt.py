@@ -25,6 +25,10 @@ teacher's features on those views: it reveals a little about the data (docs/shar
 
 from __future__ import annotations
 
+import math
+import threading
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
@@ -36,6 +40,11 @@ MAX_CODE = 2 ** 30 - 1  # the largest |code|: its zigzag code fits in 31 bits, s
 # G is estimated from a few thousand tokens: a direction they hardly span would get almost no precision, and matter
 # on other views. A floor of RIDGE x the mean eigenvalue keeps every direction coded (and G^½ invertible).
 RIDGE = 1e-2
+# The fit's sums over tokens are exact sums of integers, so neither BLAS's order nor its thread count shows in them:
+# x − μ is rounded to BITS bits below each channel's largest |x − μ| (a relative 2^-21, far below what a few
+# thousand tokens estimate), and products of two such integers, summed CHUNK at a time, stay below 2^52.
+BITS, CHUNK = 20, 4096
+_THREADS = threading.RLock()  # `_one_thread` saves and restores torch's thread count one block at a time
 
 
 @register_codec
@@ -92,7 +101,8 @@ class InputsKLTCodec(Codec):
             if self.basis is None:
                 raise RuntimeError("codec inputs_klt: encode needs the fitted basis (extraction binds it)")
             t = self.basis.encode.double() / self.params["step"]  # (L, D, D)
-            offset = -torch.einsum("ld,lde->le", self.basis.mean.double(), t)
+            with _one_thread():  # the codes follow these bits: the same on any thread count
+                offset = -torch.einsum("ld,lde->le", self.basis.mean.double(), t)
             self._on[key] = (t.transpose(-1, -2).float().contiguous().to(device), offset.float()[..., None].to(device))
         return self._on[key]
 
@@ -138,49 +148,121 @@ class Basis:
 
 
 def _inverse(decode: torch.Tensor) -> torch.Tensor:
-    """T = (T⁻¹)⁻¹ per layer in float64, through numpy's LAPACK (torch's batched float64 inverse fails on some MKL
-    builds with several threads); a singular or ill-conditioned layer is a ValueError."""
+    """T = (T⁻¹)⁻¹ per layer in float64, one layer at a time on one thread (torch's batched float64 inverse fails on
+    some MKL builds with several threads; numpy's OpenBLAS gives other last bits with other thread counts, and T
+    decides the codes); a singular or ill-conditioned layer is a ValueError."""
     out = []
-    for i, m in enumerate(decode.double().numpy()):
-        if not np.isfinite(m).all() or np.linalg.cond(m) > 1e12:
-            raise ValueError(f"layer {i}'s basis is singular or ill-conditioned")
-        out.append(np.linalg.inv(m))
-    return torch.from_numpy(np.stack(out))
+    with _one_thread():
+        for i, m in enumerate(decode.double()):
+            if not m.isfinite().all() or torch.linalg.cond(m) > 1e12:
+                raise ValueError(f"layer {i}'s basis is singular or ill-conditioned")
+            out.append(torch.linalg.inv(m))
+    return torch.stack(out)
 
 
 def fit_basis(x: torch.Tensor, projections) -> Basis:
-    """The basis of `x` (V, L, N, D) calibration inputs, in the logit metric of `projections` (float64)."""
+    """The basis of `x` (V, L, N, D) calibration inputs, in the logit metric of `projections` (float64). The same
+    bytes whatever the thread count: the sums over tokens are exact (`_gram`, `_exact_projection`) or pairwise in a
+    fixed order (`_tree_sum`), and the D × D steps (products, eigh) run on one thread (`_one_thread`)."""
     views, layers, tokens, dim = x.shape
     heads, d = projections.heads, dim // projections.heads
     means, decodes = [], []
     for i in range(layers):
         xs = x[:, i].reshape(-1, dim).double()
-        w, bias = projections.weight[i].double(), projections.bias[i].double()
-        qk = (xs @ w.T + bias).reshape(len(xs), 2, heads, d)
-        gain = torch.ones(2, heads, d, dtype=torch.float64)
-        if projections.norm is not None:  # the normed q/k, and W scaled by the norm's gain over the pre-norm spread
-            norm = projections.norm[i].double()  # q weight, q bias, k weight, k bias
-            norm_weight, norm_bias = norm[[0, 2]], norm[[1, 3]]  # (2, d): q then k
-            spread = (qk.var(-1, unbiased=False) + projections.eps).sqrt().mean(0)  # (2, H)
-            gain = norm_weight[:, None, :] / spread[..., None]
-            qk = torch.nn.functional.layer_norm(qk, (d,), eps=projections.eps)
-            qk = qk * norm_weight[:, None] + norm_bias[:, None]
-        metric = torch.zeros(dim, dim, dtype=torch.float64)
-        for h in range(heads):
-            wq = w[h * d:(h + 1) * d] * gain[0, h, :, None]
-            wk = w[dim + h * d:dim + (h + 1) * d] * gain[1, h, :, None]
-            q, k = qk[:, 0, h], qk[:, 1, h]
-            metric += wq.T @ (k.T @ k / len(k)) @ wq + wk.T @ (q.T @ q / len(q)) @ wk
-        metric *= d ** -1.0  # scale² = 1/d
-        evals, evecs = torch.linalg.eigh(metric)
-        evals = evals.clamp_min(0) + RIDGE * evals.clamp_min(0).mean()
-        root, root_inv = (evecs * evals.sqrt()) @ evecs.T, (evecs * evals.rsqrt()) @ evecs.T
-        mean = xs.mean(0)
-        y = (xs - mean) @ root
-        rotation = torch.linalg.eigh(y.T @ y / len(y))[1].flip(-1)  # descending variance
+        mean = _tree_sum(xs) / len(xs)
+        if not mean.isfinite().all():  # a non-finite input makes its channel's sum non-finite
+            raise AttncacheError(f"codec inputs_klt: layer {i}'s calibration inputs are not finite")
+        centred, scale = _fixed_point(xs - mean)
+        cov = _gram(centred) * (scale[:, None] * scale) / len(xs)  # E[(x − μ)(x − μ)ᵀ]
+        w = projections.weight[i].double()
+        gain, moments = _qk_moments(projections, i, mean, centred, scale, cov)
+        with _one_thread():
+            metric = torch.zeros(dim, dim, dtype=torch.float64)
+            for h in range(heads):
+                wq = w[h * d:(h + 1) * d] * gain[0, h, :, None]
+                wk = w[dim + h * d:dim + (h + 1) * d] * gain[1, h, :, None]
+                metric += wq.T @ moments[1, h] @ wq + wk.T @ moments[0, h] @ wk
+            metric *= d ** -1.0  # scale² = 1/d
+            evals, evecs = torch.linalg.eigh(metric)
+            evals = evals.clamp_min(0) + RIDGE * evals.clamp_min(0).mean()
+            root, root_inv = (evecs * evals.sqrt()) @ evecs.T, (evecs * evals.rsqrt()) @ evecs.T
+            rotation = torch.linalg.eigh(root @ cov @ root)[1].flip(-1)  # of y = (x − μ) G^½, descending variance
+            decodes.append((rotation.T @ root_inv).float())
         means.append(mean.float())
-        decodes.append((rotation.T @ root_inv).float())
     return Basis(torch.stack(means).contiguous(), torch.stack(decodes).contiguous())
+
+
+def _qk_moments(projections, i: int, mean, centred, scale, cov) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer i's gain (2, H, d) of W and E[v vᵀ] (2, H, d, d) of its q then k per head, on the calibration tokens."""
+    w, bias = projections.weight[i].double(), projections.bias[i].double()
+    dim, heads = w.shape[1], projections.heads
+    d = dim // heads
+    if projections.norm is None:  # affine in x: E[v vᵀ] = W_h Σ W_hᵀ + (W_h μ + b_h)(W_h μ + b_h)ᵀ
+        with _one_thread():
+            rows, offset = w.reshape(2, heads, d, dim), (w @ mean + bias).reshape(2, heads, d, 1)
+            moments = rows @ cov @ rows.transpose(-1, -2) + offset @ offset.transpose(-1, -2)
+        return torch.ones(2, heads, d, dtype=torch.float64), moments
+    # the normed q/k of every token, and W scaled by the norm's gain over the mean pre-norm spread
+    qk = _exact_projection(centred, scale, w, bias + _tree_sum((w * mean).T))  # (x − μ) Wᵀ + (W μ + b)
+    qk = qk.reshape(len(qk), 2, heads, d)
+    norm = projections.norm[i].double()  # q weight, q bias, k weight, k bias
+    norm_weight, norm_bias = norm[[0, 2]], norm[[1, 3]]  # (2, d): q then k
+    qk.sub_((_tree_sum(qk, -1) / d)[..., None])
+    std = (_tree_sum(qk.square(), -1) / d + projections.eps).sqrt()  # (N, 2, H), as layer_norm's
+    gain = norm_weight[:, None, :] / (_tree_sum(std) / len(qk))[..., None]
+    qk.div_(std[..., None]).mul_(norm_weight[:, None]).add_(norm_bias[:, None])
+    codes, qk_scale = _fixed_point(qk.reshape(len(qk), 2 * dim))
+    qk_scale = qk_scale.reshape(2 * heads, d)
+    moments = _gram(codes.reshape(len(qk), 2 * heads, d).transpose(0, 1)) * (qk_scale[..., None] * qk_scale[:, None])
+    return gain, (moments / len(qk)).reshape(2, heads, d, d)
+
+
+@contextmanager
+def _one_thread():
+    """torch on one thread for the block: LAPACK's eigh and inverse (MKL) give other last bits with other thread
+    counts, and those bits would reach the basis file and the codes."""
+    with _THREADS:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+
+def _tree_sum(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """The sum along `dim`, pairwise in a fixed order (halves added elementwise): the same bits on any threads."""
+    while t.shape[dim] > 1:
+        size, half = t.shape[dim], t.shape[dim] // 2
+        pairs = t.narrow(dim, 0, half) + t.narrow(dim, half, half)
+        t = torch.cat([pairs, t.narrow(dim, size - 1, 1)], dim) if size % 2 else pairs
+    return t.squeeze(dim)
+
+
+def _fixed_point(t: torch.Tensor, bits: int = BITS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C) float64 -> integers m (float64, |m| ≤ 2^bits) and per-column powers of two s, t ≈ m·s (rounded to
+    nearest on `bits` bits below each column's largest |t|)."""
+    exponents = torch.frexp(torch.maximum(t.amax(0), -t.amin(0)))[1].tolist()  # largest |t| < 2^e
+    scale = torch.tensor([math.ldexp(1.0, e - bits) for e in exponents], dtype=torch.float64)
+    return (t * scale.reciprocal()).round_(), scale  # powers of two: the products are exact
+
+
+def _gram(m: torch.Tensor) -> torch.Tensor:
+    """Σ_n m_n m_nᵀ over the tokens of (..., N, C) integers from `_fixed_point`: each CHUNK of tokens is an exact
+    product, whatever order BLAS sums it in, and the chunks are added in order."""
+    out = 0
+    for start in range(0, m.shape[-2], CHUNK):
+        chunk = m[..., start:start + CHUNK, :]
+        out = out + chunk.transpose(-1, -2) @ chunk
+    return out
+
+
+def _exact_projection(m: torch.Tensor, scale: torch.Tensor, w: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """(m·scale) Wᵀ + offset for `_fixed_point` integers m (N, D): each row of W, its columns scaled like x's, is
+    rounded to the bits that keep the D-term sums of integer products below 2^52 (23 at D = 384): an exact product."""
+    bits = 52 - BITS - math.ceil(math.log2(m.shape[1]))
+    wm, w_scale = _fixed_point((w * scale).T, bits)  # (D, 2D): a column per row of W
+    return (m @ wm).mul_(w_scale).add_(offset)
 
 
 def basis_bytes(basis: Basis) -> bytes:

@@ -1,9 +1,11 @@
 """`attncache extract`: run a frozen teacher once over a dataset and write its attention maps to a cache.
 
-Order of work, cheapest checks first: options (config.py), `--out` (is it free, or ours?), teacher, the source's
-listing (a finished cache of the same plan stops here: nothing to do), the scan (every image hashed and decoded, so
-a corrupt one is named before the teacher runs), the claim of `--out` (plan.py), then the pipeline over the shards
-not yet complete (pipeline.py), and the manifest, written last.
+Order of work, cheapest checks first: options (config.py), the paths (`--data` readable, `--out` writable, free or
+ours), teacher, the source's listing (a finished cache of the same plan stops here: nothing to do), the free space
+(`--out` must have room for the estimated cache), the scan (every image hashed and decoded, so a corrupt one is
+named before the teacher runs), the claim of `--out` (plan.py), then the pipeline over the shards not yet complete
+(pipeline.py), and the manifest, written last. A disk that fills up anyway stops it with one line (files.py):
+every write is whole or absent, so the same command resumes once there is room.
 
 Many processes: under torchrun every rank runs `extract()`; rank 0 scans, claims and writes the plan, index files and
 store metadata, then each rank writes the whole shards s with s mod world = rank, and rank 0 writes the manifest
@@ -21,8 +23,8 @@ from pathlib import Path
 from ..codecs.inputs_klt import basis_bytes, fit_basis, load_basis
 from ..device import parse_device
 from ..distributed import World
-from ..errors import AttncacheError
-from ..files import atomic_write_bytes, read_json
+from ..errors import AttncacheError, DiskFullError
+from ..files import atomic_write_bytes, disk_full_names, free_bytes, read_json
 from ..rundir import FINISHED
 from ..sources import open_source
 from ..store import WRITERS
@@ -42,10 +44,14 @@ from ..teacher import AttentionCapture, parse_layers
 from ..teacher.projections import from_model, projections_bytes
 from ..views import View, ViewPolicy
 from . import plan as plans
-from .config import ExtractConfig, check_options
+from .config import ExtractConfig, check_options, check_paths
 from .pipeline import Work, capture_rows, run_pipeline
 
 __all__ = ["ExtractConfig", "extract", "merge"]
+
+# The free-space check refuses only when the room is clearly too small: under half the estimate (a cache's maps may
+# compress better than the teacher the ratios were measured on, e.g. 0.66 of the estimate on a random-init teacher).
+FREE_SPACE_MARGIN = 0.5
 
 
 def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, stats: dict | None = None,
@@ -58,9 +64,19 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, s
     """
     if is_url(cfg.out):
         return _extract_to_url(cfg, on_shard, stats)
+    with disk_full_names(cfg.out):  # ENOSPC from a write files.py does not make is one line too
+        return _extract_local(cfg, on_shard, stats, on_claim)
+
+
+def _extract_local(cfg: ExtractConfig, on_shard, stats, on_claim) -> dict:
     codec = check_options(cfg)
+    check_paths(cfg)
     out = Path(cfg.out)
     plans.check_out_is_free(out)
+    source = open_source(cfg.data, cfg.split, cfg.limit)  # cheap (nothing listed yet); names a missing --data
+    if cfg.augment.mixes and source.streamed:
+        raise AttncacheError(f"--data {cfg.data}: mixing reads each view's partner image by key, which a streamed "
+                             "(pipe:) source cannot do; use local or HTTP(S) shards")
     device = parse_device(cfg.device)
     world = World.from_env(device)  # torchrun: every rank runs this function, each on its own shards
     device = world.device(device)
@@ -71,10 +87,6 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, s
                         crop_pct=spec.crop_pct if cfg.split == "val" else 0.875, augment=cfg.augment)
     shape = spec.capture_shape(len(layers))
     fields = codec.fields(shape)
-    source = open_source(cfg.data, cfg.split, cfg.limit)
-    if policy.augment.mixes and source.streamed:
-        raise AttncacheError(f"--data {cfg.data}: mixing reads each view's partner image by key, which a streamed "
-                             "(pipe:) source cannot do; use local or HTTP(S) shards")
     entries = source.entries()
     records = len(entries) * policy.views_per_image
     per_shard = min(records, cfg.records_per_shard or
@@ -94,6 +106,8 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, s
                                                             [e.key for e in entries])) is not None:
         _log(cfg, f"{out}: finished cache of this plan, nothing to do (`attncache verify` re-hashes it)")
         return done
+    if world.is_main and not cfg.ignore_free_space:
+        check_free_space(out, codec, shape, records)
 
     # One rank hashes and decodes every image and writes the record tables; the others read them from the disk
     # once the plan is claimed (the cache's own files, not a copy of every sample in every rank's memory).
@@ -190,6 +204,35 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None, s
     return manifest
 
 
+def estimated_bytes(codec, shape, records: int) -> tuple[int, float]:
+    """(bytes of the cache's shards and index files, bytes per view) as `attncache plan` estimates them: each
+    record's raw field bytes times the codec's measured compression ratio (docs/costs.md); a codec with other
+    parameters than the measured ones takes its smallest measured ratio, one never measured (fp32) none."""
+    from ..tools import costs
+
+    ratio = costs.measured_ratio_of(codec)
+    if ratio is None:
+        same = [costs.parse_codec(spec) for spec in costs.MEASURED_BYTES_PER_VIEW]
+        ratio = min((costs.measured_ratio_of(c) for c in same if c.name == codec.name), default=1.0)
+    per_view = costs.raw_bytes(codec, shape) * ratio
+    side = costs.side_file_bytes(codec, shape.layers, shape.heads * shape.head_dim)
+    return int(per_view * records + side), per_view
+
+
+def check_free_space(out: Path, codec, shape, records: int) -> None:
+    """Refuse an `--out` (the staging directory of a remote one) whose filesystem clearly cannot hold what is left
+    to write: the estimate less the bytes already there (a resumed extraction needs only the rest)."""
+    total, per_view = estimated_bytes(codec, shape, records)
+    written = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and not p.is_symlink()) \
+        if out.is_dir() else 0
+    needed, free = total - written, free_bytes(out)
+    if free < needed * FREE_SPACE_MARGIN:
+        raise DiskFullError(f"{out}: the cache needs about {needed:,} more bytes ({records} records of "
+                            f"~{per_view:,.0f} bytes), its filesystem has {free:,} free; free some space or choose "
+                            "another --out (--stage for a remote one), or pass --ignore-free-space to start anyway "
+                            "(a full disk stops it cleanly, and it resumes)")
+
+
 def _basis(cfg: ExtractConfig, out: Path, head: dict, work: Work, codec, model, layers: list[int], payload: str,
            device, world: World) -> bytes:
     """The cache's fitted basis: the one an earlier run of this plan recorded, else fitted by rank 0 on `fit`
@@ -217,6 +260,8 @@ def _extract_to_url(cfg: ExtractConfig, on_shard, stats) -> dict:
         raise AttncacheError(f"--out {cfg.out}: a remote --out takes one extraction process; with torchrun or "
                              "--num-shards extract to a shared directory, then `attncache copy` it")
     stage = Path(cfg.stage) if cfg.stage else default_stage(cfg.out)
+    check_paths(replace(cfg, out=str(stage)))  # before the remote is contacted: the local inputs first
+    open_source(cfg.data, cfg.split, cfg.limit)
     publisher = Publisher(cfg.out, stage, cfg.storage_options)
     publisher.restore()
     _log(cfg, f"staging in {stage}, publishing each finished shard to {cfg.out}")

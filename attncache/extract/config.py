@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..codecs import Codec, get_codec
 from ..device import parse_device
 from ..errors import AttncacheError
 from ..store.format import STORE_FORMATS
+from ..store.fs import is_url
 from ..teacher import PAYLOADS, TeacherOptions
 from ..views import Augmentation
 
@@ -39,6 +42,7 @@ class ExtractConfig:
     progress: bool = True
     stage: str | None = None  # --out URL: the local staging directory (default under ~/.cache/attncache/stage)
     storage_options: dict = field(default_factory=dict)  # --out URL: fsspec options (endpoint, credentials, ...)
+    ignore_free_space: bool = False  # start even when --out (or --stage) clearly has too little room for the cache
 
 
 def check_options(cfg: ExtractConfig) -> Codec:
@@ -68,3 +72,25 @@ def check_options(cfg: ExtractConfig) -> Codec:
         raise AttncacheError(f"--codec {cfg.codec} encodes payload {' or '.join(codec.payloads)}, "
                              f"not --payload {cfg.payload}")
     return codec
+
+
+def check_paths(cfg: ExtractConfig) -> None:
+    """A local `--data` that cannot be read and an `--out` that cannot be written, named before a teacher is built
+    (building one may download weights for minutes, or fail on an unreachable hub first). A missing `--data` is
+    open_source's error, which also runs before the teacher."""
+    data = Path(cfg.data)
+    local = not (cfg.data == "demo" or cfg.data.startswith("demo:") or "://" in cfg.data
+                 or cfg.data.startswith("pipe:") or "{" in cfg.data)
+    if local and data.exists() and not os.access(data, os.R_OK | (os.X_OK if data.is_dir() else 0)):
+        raise AttncacheError(f"--data {cfg.data}: not readable (permission denied)")
+    if is_url(cfg.out):
+        return  # the remote side is checked when it is contacted; the staging directory is the local --out
+    out = Path(cfg.out).absolute()
+    existing = out
+    while not existing.exists() and existing != existing.parent:  # the folder --out would be created in
+        existing = existing.parent
+    if existing != out and not existing.is_dir():
+        raise AttncacheError(f"--out {cfg.out}: cannot be created ({existing} is not a directory)")
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        raise AttncacheError(f"--out {cfg.out}: cannot be {'written' if existing == out else 'created'} (no write "
+                             f"permission on {existing}, or a read-only filesystem)")

@@ -41,7 +41,7 @@ DEFAULT_BACKOFF_S = 0.5
 DEFAULT_CACHE_MAX_BYTES = 50 * 10**9
 NO_RANGES = ("the server does not support HTTP range requests, which reading a cache needs (copy it instead: "
              "attncache copy)")
-EXTRAS = {"s3": "s3", "s3a": "s3", "http": "http", "https": "http"}  # scheme -> pip extra that installs it
+EXTRAS = {"s3": "s3", "s3a": "s3"}  # scheme -> pip extra that installs it (HTTPS is in the default install)
 
 
 class ShortRead(OSError):

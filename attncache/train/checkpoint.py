@@ -12,6 +12,8 @@ RUN/results.json         written last: the run is finished
 The checkpoint records where the run is (step, epoch, batch within the epoch), how many metrics lines it had
 written, and the partial sums of the current logging window, so the resumed run writes the same lines an
 uninterrupted run writes. It is loaded with `torch.load(weights_only=True)`: tensors and plain containers only.
+Before the loop starts, the run directory's filesystem must have room for one (`check_checkpoint_room`): a run
+should not train for an epoch to find out at its first save.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import AttncacheError
-from ..files import atomic_write_bytes
+from ..errors import AttncacheError, DiskFullError
+from ..files import atomic_write_bytes, free_bytes
 
 CONFIG, METRICS, RESULTS = "config.json", "metrics.jsonl", "results.json"
 CHECKPOINT = "checkpoints/last.pt"
@@ -85,6 +87,24 @@ def save_checkpoint(run: Path, *, position: Position, window: Window, metrics_li
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write_bytes(run / CHECKPOINT, buf.getvalue())
+
+
+def checkpoint_bytes(model: torch.nn.Module, ema: bool) -> int:
+    """What a checkpoint's tensors take: the model's state, AdamW's two moments per trainable parameter (in the
+    parameter's dtype), and the EMA's copy of the state; the RNG states and pickling add a little."""
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    moments = 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return state * (2 if ema else 1) + moments
+
+
+def check_checkpoint_room(run: Path, model: torch.nn.Module, ema: bool) -> None:
+    """Refuse to start a run whose filesystem cannot hold a checkpoint. A resumed run needs as much: the new one is
+    written beside the old one, which is replaced only once the new one is whole."""
+    needed, free = checkpoint_bytes(model, ema), free_bytes(run)
+    if free < needed:
+        raise DiskFullError(f"{run / CHECKPOINT}: a checkpoint of this run takes about {needed:,} bytes (model, "
+                            f"optimizer{', EMA' if ema else ''}), its filesystem has {free:,} free; free some space "
+                            "or choose another --out")
 
 
 def device_rng_state(device: torch.device) -> list[torch.Tensor]:

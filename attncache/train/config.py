@@ -11,7 +11,8 @@ from ..views import Augmentation
 from .modes import get_mode
 
 # Options that change how a run executes, not what it computes: they may differ when a run is resumed.
-RUNTIME_OPTIONS = ("progress", "max_steps", "log_every", "save_every", "workers", "device", "storage_options")
+RUNTIME_OPTIONS = ("progress", "max_steps", "log_every", "save_every", "workers", "device", "storage_options",
+                   "tensorboard")
 
 
 @dataclass
@@ -53,6 +54,7 @@ class TrainConfig:
     save_every: int | None = None  # also checkpoint every N steps
     log_every: int = 10
     progress: bool = True
+    tensorboard: bool = True  # RUN/tensorboard/ event files mirroring metrics.jsonl (needs the tensorboard package)
 
 
 def check_options(cfg: TrainConfig) -> None:

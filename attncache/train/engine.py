@@ -38,6 +38,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig
+from .curves import NoCurves, open_curves
 from .loader import ViewStream, batches, make_loader
 from .losses import classification_loss, mixed_targets
 from .modes import Mode
@@ -73,21 +74,13 @@ class StopRequest:
 
 
 class NoLog:
-    """The metrics log of a rank other than 0: it writes nothing."""
-
-    lines = 0
+    """The metrics log of a rank other than 0: it writes nothing (only rank 0 reads, syncs or counts its log)."""
 
     def append(self, record: dict) -> None:
         pass
 
     def truncate(self, lines: int) -> None:
         pass
-
-    def sync(self) -> None:
-        pass
-
-    def read(self) -> list[dict]:
-        return []
 
 
 class Engine:
@@ -110,6 +103,7 @@ class Engine:
         self.wrapper = None  # DistributedDataParallel around the model, under torchrun
         self.optimizer: torch.optim.Optimizer | None = None
         self.ema = None
+        self.curves = NoCurves()  # TensorBoard's copy of the metrics lines (fit opens it)
 
     # -- one step ------------------------------------------------------------------------------------------------
 
@@ -210,7 +204,8 @@ class Engine:
         pin = self.device.type == "cuda"  # pinned batches: the step's copies to the device are asynchronous
         train_loader = make_loader(self.train_stream, cfg.workers, pin_memory=pin)
         val_loader = make_loader(self.val_stream, cfg.workers, pin_memory=pin) if self.val_stream is not None else None
-        with StopRequest() as stop:
+        self.curves = self._open_curves()
+        with StopRequest() as stop, self.curves:
             while self.pos.epoch < cfg.epochs:
                 if self.pos.batch < self.steps_per_epoch:
                     reason = self._train_epoch(train_loader, stop)
@@ -265,8 +260,8 @@ class Engine:
                     local = self.window.images / max(1e-9, time.perf_counter() - window_start)
                     rate = local * self.world.size  # the ranks step in lockstep on equal shares of each batch
                     if self.world.is_main:
-                        self.log.append({"kind": "train", "step": pos.step, "epoch": pos.epoch,
-                                         "lr": self.lr_at(pos.step - 1), **means, "images_per_s": rate})
+                        self._record({"kind": "train", "step": pos.step, "epoch": pos.epoch,
+                                      "lr": self.lr_at(pos.step - 1), **means, "images_per_s": rate})
                     mine = f" (rank {self.world.rank}: {local:.1f})" if self.world.distributed else ""
                     bar.update(task, rate=rate, loss=means["loss"], mine=mine)
                     self.window, window_start = Window(), time.perf_counter()
@@ -298,9 +293,20 @@ class Engine:
             metrics.update({f"val_top1{suffix}": result["top1"], f"val_loss{suffix}": result["loss"]})
             if not suffix:
                 metrics["val_images"] = result["images"]
-        self.log.append({"kind": "eval", "step": self.pos.step, "epoch": self.pos.epoch + 1, **metrics})
+        self._record({"kind": "eval", "step": self.pos.step, "epoch": self.pos.epoch + 1, **metrics})
         self._say(f"epoch {self.pos.epoch + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         return True, self._agree_to_stop(stop, stop.requested)
+
+    def _record(self, record: dict) -> None:
+        """A metrics line, and its curves (rank 0)."""
+        self.log.append(record)
+        self.curves.add(record)
+
+    def _open_curves(self) -> NoCurves:
+        """TensorBoard curves, rewritten from the metrics lines kept so far (rank 0, unless turned off)."""
+        if not (self.cfg.tensorboard and self.world.is_main):
+            return NoCurves()
+        return open_curves(self.out, self.log.read(), self._say)
 
     def _agree_to_stop(self, stop: StopRequest, local: bool) -> bool:
         """Whether any rank wants to stop (just `local` alone); a rank that got no signal stops as if SIGTERM."""
@@ -331,6 +337,7 @@ class Engine:
         if not self.world.is_main:
             return
         self.log.sync()
+        self.curves.flush()  # the viewer sees every line up to the checkpoint
         save_checkpoint(self.out, position=self.pos, window=self.window, metrics_lines=self.log.lines,
                         steps_per_epoch=self.steps_per_epoch, model=self.model, optimizer=self.optimizer,
                         ema=self.ema, rng_cpu=rng_cpu, rng_cuda=rng_cuda)

@@ -23,8 +23,9 @@ from ..rundir import FINISHED, NEW, RESUME, RunDir
 from ..sources import open_source
 from ..teacher import TeacherSpec, geometry_differences, parse_layers
 from ..views import Augmentation, ViewPolicy
-from .checkpoint import CHECKPOINT, CONFIG, METRICS, RESULTS
+from .checkpoint import CHECKPOINT, CONFIG, METRICS, RESULTS, check_checkpoint_room
 from .config import RUNTIME_OPTIONS, TrainConfig, check_options
+from .curves import EVENTS
 from .engine import Engine
 from .loader import RenderSpec, ViewStream, check_images, eval_stream
 from .maps import CachedMaps, LiveMaps
@@ -46,11 +47,12 @@ def _differences(old: dict, new: dict) -> list[str]:
 
 
 def _discard(out: Path, old: dict) -> None:
-    """An unstarted run (no checkpoint): its config and metrics go; nothing else of it exists."""
+    """An unstarted run (no checkpoint): its config, metrics and their curves go; nothing else of it exists."""
     for name in (CONFIG, METRICS):
         (out / name).unlink(missing_ok=True)
-    if (out / "checkpoints").is_dir() and not (out / "checkpoints").is_symlink():
-        shutil.rmtree(out / "checkpoints")
+    for folder in ("checkpoints", EVENTS):
+        if (out / folder).is_dir() and not (out / folder).is_symlink():
+            shutil.rmtree(out / folder)
 
 
 class Trainer:
@@ -208,6 +210,8 @@ class Trainer:
             if self.world.is_main:  # rank 0 claims and writes; the others follow its state
                 try:
                     state = config.claim(self.run_config())
+                    if state != FINISHED:
+                        check_checkpoint_room(self.out, self.model, self.cfg.ema is not None)
                 except AttncacheError as exc:
                     self.world.broadcast(str(exc))
                     raise
