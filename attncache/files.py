@@ -5,6 +5,8 @@
   (0666 minus the umask): a cache is meant to be shared.
 - `loads_strict`: JSON that refuses duplicate keys, NaN and Infinity (a cache is untrusted input; `{"a": 1, "a":
   2}` must not silently mean 2), and nesting deeper than `MAX_JSON_DEPTH` (a RecursionError is no error message).
+- `canonical_safetensors`: a safetensors file with its JSON header's keys sorted, so the same tensors are the
+  same bytes (and sha256) in every process.
 - `AppendLog`: one JSON object per line, appended; a torn last line (a kill during the write) is dropped on open,
   never the lines before it.
 - A full filesystem (ENOSPC, or the user's quota, EDQUOT) is a `DiskFullError` naming the file and the bytes it
@@ -165,6 +167,16 @@ def loads_strict(data: bytes | str):
         raise StrictJSONError(f"invalid JSON ({exc})") from exc
     except UnicodeDecodeError as exc:
         raise StrictJSONError(f"not UTF-8 text ({exc.reason})") from exc
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same file with its JSON header's keys sorted. safetensors writes `__metadata__` from a hash map, whose
+    order changes from process to process: the same tensors gave other bytes (another sha256) in a re-run, and a
+    resumed extraction was refused as "a different cache". The data section and its offsets are unchanged."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.dumps(loads_strict(data[8:8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # safetensors pads the header to 8 bytes with spaces
+    return len(header).to_bytes(8, "little") + header + data[8 + size:]
 
 
 def read_json(path: str | Path):

@@ -1,7 +1,9 @@
 """Codec registry: `get_codec(name, **params)`; every codec module registers itself on import."""
 
 # fp16, fp32, cls, qk, lowrank, logq, sqrtq, inputs, inputs_klt
+# CaptureShape, the argument of `codec.fields(shape)`, is the teacher's (teacher/capture.py): re-exported here
+from ..teacher.capture import CaptureShape
 from . import dense, inputs, inputs_klt, qk, quantized  # noqa: F401
-from .base import CODECS, CaptureShape, Codec, FieldSpec, get_codec, register_codec
+from .base import CODECS, Codec, FieldSpec, get_codec, register_codec
 
 __all__ = ["CODECS", "CaptureShape", "Codec", "FieldSpec", "get_codec", "register_codec"]

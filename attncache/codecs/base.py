@@ -9,12 +9,12 @@ training device from the compact bytes and gives (B, L, H, Q, N) maps: probabili
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from ..errors import AttncacheError
+from ..teacher.capture import CaptureShape
 
 
 @dataclass(frozen=True)
@@ -30,19 +30,6 @@ class FieldSpec:
 
     def to_json(self) -> dict:
         return {"shape": list(self.shape), "dtype": self.dtype}
-
-
-class CaptureShape(NamedTuple):
-    """Per-record geometry of what is captured: layers, heads, tokens N and head dimension d."""
-
-    layers: int
-    heads: int
-    tokens: int
-    head_dim: int
-
-    @property
-    def map_shape(self) -> tuple[int, int, int, int]:
-        return (self.layers, self.heads, self.tokens, self.tokens)
 
 
 class Codec:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import AttncacheError, CacheFormatError
-from ..teacher.projections import canonical_safetensors
+from ..files import canonical_safetensors
 from .base import Codec, FieldSpec, blosc, register_codec
 
 MAX_CODE = 2 ** 30 - 1  # the largest |code|: its zigzag code fits in 31 bits, so an int32 view is non-negative

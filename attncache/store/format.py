@@ -314,7 +314,7 @@ def _check_codec(m: dict) -> None:
 
 
 def _capture_shape(m: dict):
-    from ..codecs import CaptureShape
+    from ..teacher.capture import CaptureShape
 
     t = m["teacher"]
     return CaptureShape(len(m["capture"]["layers"]), t["num_heads"], t["num_tokens"], t["embed_dim"] // t["num_heads"])

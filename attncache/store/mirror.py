@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..errors import AttncacheError, CacheFormatError
 from ..files import PARTIAL_SUFFIX
+from .fs import stream_verified
 
 BLOCK = 8 << 20
 
@@ -58,19 +59,8 @@ class Mirror:
         local.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=local.parent, prefix=f".{local.name}.", suffix=PARTIAL_SUFFIX)
         try:
-            h, n = hashlib.sha256(), 0
             with os.fdopen(fd, "wb") as out, fs.open_remote(rel, block_size=BLOCK) as src:  # no HEAD first
-                while block := src.read(min(BLOCK, entry["bytes"] + 1 - n)):
-                    h.update(block)
-                    out.write(block)
-                    n += len(block)
-                    if n > entry["bytes"]:
-                        break
-            if n < entry["bytes"]:  # a connection cut short: retried like a reset
-                raise ConnectionError(f"download truncated ({n} of {entry['bytes']} bytes)")
-            if n != entry["bytes"] or h.hexdigest() != entry["sha256"]:
-                raise CacheFormatError(f"{fs.where(rel)}: downloaded bytes do not match the size and sha256 in the "
-                                       "manifest (damaged or changed on the server)")
+                stream_verified(src, out, entry, fs.where(rel), BLOCK, remote=True)
             os.replace(tmp, local)
         finally:
             Path(tmp).unlink(missing_ok=True)

@@ -1,7 +1,7 @@
 """The frozen teacher: registry and options (registry.py), weight files (weights.py), fast-failing hub access
 (hub.py), and attention capture (capture.py)."""
 
-from .capture import PAYLOADS, AttentionCapture, parse_layers
+from .capture import PAYLOADS, AttentionCapture, CaptureShape, parse_layers
 from .drop_path import drop_path_masks
 from .registry import (
     DEMO_TEACHER,
@@ -17,6 +17,6 @@ from .registry import (
 )
 from .weights import load_state, read_state_dict, state_dict_sha256
 
-__all__ = ["DEMO_TEACHER", "PAYLOADS", "TEACHER_ALIASES", "AttentionCapture", "TeacherOptions", "TeacherSpec",
-           "build_teacher", "check_standard_vit", "drop_path_masks", "geometry", "geometry_differences",
+__all__ = ["DEMO_TEACHER", "PAYLOADS", "TEACHER_ALIASES", "AttentionCapture", "CaptureShape", "TeacherOptions",
+           "TeacherSpec", "build_teacher", "check_standard_vit", "drop_path_masks", "geometry", "geometry_differences",
            "load_state", "parse_kwargs", "parse_layers", "read_state_dict", "resolve_name", "state_dict_sha256"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,19 @@ from torch import nn
 from ..errors import AttncacheError
 
 PAYLOADS = ("probs", "logits", "qk", "inputs")
+
+
+class CaptureShape(NamedTuple):
+    """Per-record geometry of what is captured: layers, heads, tokens N and head dimension d."""
+
+    layers: int
+    heads: int
+    tokens: int
+    head_dim: int
+
+    @property
+    def map_shape(self) -> tuple[int, int, int, int]:
+        return (self.layers, self.heads, self.tokens, self.tokens)
 
 
 def parse_layers(spec: str | Sequence[int] | None, depth: int) -> list[int]:

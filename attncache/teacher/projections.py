@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AttncacheError, CacheFormatError
+from ..files import canonical_safetensors
 
 
 @dataclass
@@ -142,20 +143,6 @@ def projections_bytes(model: nn.Module, layers: list[int]) -> bytes:
 
     tensors, metadata = teacher_projections(model, layers)
     return canonical_safetensors(save(tensors, metadata=metadata))
-
-
-def canonical_safetensors(data: bytes) -> bytes:
-    """The same file with its JSON header's keys sorted. safetensors writes `__metadata__` from a hash map, whose
-    order changes from process to process: the same tensors gave other bytes (another sha256) in a re-run, and a
-    resumed extraction was refused as "a different cache". The data section and its offsets are unchanged."""
-    import json
-
-    from ..files import loads_strict
-
-    size = int.from_bytes(data[:8], "little")
-    header = json.dumps(loads_strict(data[8:8 + size]), sort_keys=True, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)  # safetensors pads the header to 8 bytes with spaces
-    return len(header).to_bytes(8, "little") + header + data[8 + size:]
 
 
 def from_model(model: nn.Module, layers: list[int]) -> Projections:

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..codecs.base import CaptureShape
 from ..errors import AttncacheError, CacheFormatError
+from .capture import CaptureShape
 from .hub import require_hub
 from .weights import load_state, read_state_dict, state_dict_sha256
 

@@ -3,18 +3,22 @@ object store, verifying every file against the source manifest's size and sha256
 
 Resumable: a file already at DST with the right size and sha256 is kept (it is read back and hashed, so a damaged
 or half-written one from a killed copy is replaced); the manifest is written last, so DST is a cache only once
-every file it names is there and checked. Memory: one file at a time (the largest shard).
+every file it names is there and checked. Memory: one block (4 MiB) at a time; local disk: one file (each is
+streamed into a temporary file, checked, then written or uploaded).
 """
 
 from __future__ import annotations
 
-import hashlib
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 from ..cache import open_cache
-from ..errors import AttncacheError, CacheFormatError
+from ..errors import AttncacheError
 from ..store.format import MANIFEST, MAX_MANIFEST_BYTES, named_files
-from ..store.fs import CacheFS
+from ..store.fs import CacheFS, stream_verified
+
+BLOCK = 4 << 20
 
 
 def copy_cache(src: str, dst: str, src_options: dict | None = None, dst_options: dict | None = None,
@@ -38,11 +42,10 @@ def copy_cache(src: str, dst: str, src_options: dict | None = None, dst_options:
         if present:
             kept += 1
         else:
-            data = cache.fs.read(f["path"], f["bytes"])
-            if len(data) != f["bytes"] or hashlib.sha256(data).hexdigest() != f["sha256"]:
-                raise CacheFormatError(f"{cache.fs.where(f['path'])}: does not match the size and sha256 in the "
-                                       "manifest; nothing of it was written")
-            target.write_bytes(f["path"], data)
+            with tempfile.TemporaryDirectory(prefix="attncache-copy-") as staging:
+                local = Path(staging) / "file"
+                cache.fs.call(f["path"], lambda f=f, local=local: _download_verified(cache.fs, f, local))
+                target.put(f["path"], local)  # streamed; an object store shows it only once whole
             copied += 1
         if on_file is not None:
             on_file(f["path"], not present)
@@ -50,6 +53,13 @@ def copy_cache(src: str, dst: str, src_options: dict | None = None, dst_options:
     return {"files": len(entries) + 1, "copied": copied, "kept": kept,
             "bytes": sum(f["bytes"] for f in entries) + len(manifest_bytes),
             "manifest_sha256": cache.manifest_sha256}
+
+
+def _download_verified(fs: CacheFS, entry: dict, local: Path) -> None:
+    """Stream `entry` into `local` a block at a time (a 1 GB table never sits in memory), checked against the
+    manifest: a damaged source file is never written to the destination."""
+    with fs.open(entry["path"]) as src, open(local, "wb") as out:
+        stream_verified(src, out, entry, fs.where(entry["path"]), BLOCK, remote=not fs.local)
 
 
 def _exists(fs: CacheFS, rel: str) -> bool:

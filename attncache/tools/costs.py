@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..codecs import CaptureShape, get_codec
+from ..codecs import get_codec
 from ..codecs.qk import QKCodec
 from ..errors import AttncacheError
-from ..teacher.capture import parse_layers
+from ..teacher.capture import CaptureShape, parse_layers
 from ..teacher.registry import DEMO_TEACHER, geometry, parse_kwargs, resolve_name
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
