@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -42,14 +46,27 @@ def test_bench_codecs_reports_possible_errors(tiny_teacher):
 
 def test_bench_measures_a_fitted_codec_on_views_it_was_not_fitted_on(tmp_path, tiny_teacher):
     """`inputs_klt` is fitted on the first half of the views and measured on the rest (no in-sample optimism);
-    `bench extract` fits it outside the timed stages."""
-    r = bench_codecs(CodecBench(teacher=tiny_teacher.options(), data="demo:2", codecs=("inputs_klt:step=0.01",),
-                                batch_size=4, repeats=1))
-    (row,) = r["codecs"]
+    `bench extract` fits it outside the timed stages. Regression (the old test asserted only the payload and a
+    positive ratio, which a ratio over the wrong bytes passed): the lossy codec measures a larger divergence than
+    fp16 on the same views, and the extract figures are the bytes of the cache it wrote: raw = L·H·N²·2 of its
+    manifest's map shape, stored = its shard files' bytes per view, ratio = raw / stored."""
+    r = bench_codecs(CodecBench(teacher=tiny_teacher.options(), data="demo:2",
+                                codecs=("fp16", "inputs_klt:step=0.01"), batch_size=4, repeats=1))
+    fp16, row = r["codecs"]
     assert r["views"] == 8 and row["fitted_on_views"] == 4 and 0 < row["kl_mean"] < 1e-2
+    assert 0 < fp16["kl_mean"] < row["kl_mean"] and fp16["kl_p99"] < row["kl_p99"]
     e = bench_extract(ExtractBench(teacher=tiny_teacher.options(), data="demo:2", out=str(tmp_path / "b"),
-                                   batch_size=4, views=2, repeats=1, codec="inputs_klt"))
-    assert e["payload"] == "inputs" and e["ratio_vs_raw_fp16"] > 0
+                                   batch_size=4, views=2, repeats=1, codec="inputs_klt", keep_cache=True))
+    assert e["payload"] == "inputs"
+    cache = Path(e["cache"])
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["store"]["records"] == e["views"] == 16
+    raw = math.prod(manifest["capture"]["map_shape"]) * 2
+    stored = sum((cache / f["path"]).stat().st_size for s in manifest["store"]["shards"] for f in s["files"])
+    assert e["raw_fp16_bytes_per_view"] == raw
+    # the timed encode+write rewrites the same captures with the cache's own basis: the same bytes, to 1%
+    assert e["stored_bytes_per_view"] == pytest.approx(stored / e["views"], rel=1e-2)
+    assert e["ratio_vs_raw_fp16"] == pytest.approx(raw * e["views"] / stored, rel=1e-2)
 
 
 def test_bench_extract_figures_relate_as_documented(tmp_path, tiny_teacher):

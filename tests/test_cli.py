@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import pytest
 import torch
@@ -61,11 +63,22 @@ def test_extract_inspect_verify(cli_cache, tiny_teacher):
 
 
 def test_cli_rerun_resumes_as_a_no_op(cli_cache, tiny_teacher):
+    """Re-running the same command on a finished cache writes nothing. Regression (the old test compared the
+    manifest's bytes only, whose timestamp has 1 s resolution, so a rewrite within the second went unnoticed):
+    every file of the cache is dated an hour back first, and keeps its bytes, inode and mtime_ns."""
     out, _ = cli_cache
-    before = (out / "manifest.json").read_bytes()
+    past = time.time_ns() - 3600 * 10**9
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    for p in files:
+        os.utime(p, ns=(past, past))
+    before = {p: (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns) for p in files}
+    assert (out / "manifest.json") in before
     again = _run("extract", *tiny_teacher.cli_args(), "--data", "demo:2", "--out", out, "--views", "2",
                  "--layers", "0", "--format", "wds", "--shard-records", "5", "--embed-images")
-    assert again.exit_code == 0 and (out / "manifest.json").read_bytes() == before
+    assert again.exit_code == 0, again.output
+    assert sorted(p for p in out.rglob("*") if p.is_file()) == files
+    after = {p: (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns) for p in files}
+    assert after == before, [str(p) for p in files if after[p] != before[p]]
 
 
 def test_cli_verify_names_a_corrupt_shard(tmp_path, cli_cache):
