@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DiskFullError
+from .errors import CacheFormatError, DiskFullError
 
 PARTIAL_SUFFIX = ".partial"  # every temporary file ends so (ours and zarr's LocalStore's): never a format file
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # the filesystem is full, or the user's quota on it is
@@ -244,3 +245,21 @@ def remove_partials(root: str | Path) -> list[Path]:
             path.unlink()
             removed.append(path)
     return removed
+
+
+def stream_verified(src, out, entry: dict, where: str, block: int, remote: bool) -> None:
+    """Copy the file object `src` into `out` a block at a time, reading at most the manifest's size + 1 bytes, and
+    check size and sha256 against the manifest `entry`. A remote file cut short raises ConnectionError (the caller
+    retries it like a reset); anything else that differs is a CacheFormatError naming `where`."""
+    h, n = hashlib.sha256(), 0
+    while data := src.read(min(block, entry["bytes"] + 1 - n)):
+        h.update(data)
+        out.write(data)
+        n += len(data)
+        if n > entry["bytes"]:
+            break
+    if n < entry["bytes"] and remote:
+        raise ConnectionError(f"download truncated ({n} of {entry['bytes']} bytes)")
+    if n != entry["bytes"] or h.hexdigest() != entry["sha256"]:
+        raise CacheFormatError(f"{where}: does not match the size and sha256 in the manifest (damaged, or "
+                               "changed since it was published); nothing of it was kept")

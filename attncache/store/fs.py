@@ -366,24 +366,6 @@ def node_mirror_dir() -> Path:
     return Path(os.environ.get("ATTNCACHE_MIRROR_DIR") or Path(tempfile.gettempdir()) / f"attncache-{os.getuid()}")
 
 
-def stream_verified(src, out, entry: dict, where: str, block: int, remote: bool) -> None:
-    """Copy the file object `src` into `out` a block at a time, reading at most the manifest's size + 1 bytes, and
-    check size and sha256 against the manifest `entry`. A remote file cut short raises ConnectionError (the caller
-    retries it like a reset); anything else that differs is a CacheFormatError naming `where`."""
-    h, n = hashlib.sha256(), 0
-    while data := src.read(min(block, entry["bytes"] + 1 - n)):
-        h.update(data)
-        out.write(data)
-        n += len(data)
-        if n > entry["bytes"]:
-            break
-    if n < entry["bytes"] and remote:
-        raise ConnectionError(f"download truncated ({n} of {entry['bytes']} bytes)")
-    if n != entry["bytes"] or h.hexdigest() != entry["sha256"]:
-        raise CacheFormatError(f"{where}: does not match the size and sha256 in the manifest (damaged, or "
-                               "changed since it was published); nothing of it was kept")
-
-
 def is_url(path: str | Path) -> bool:
     """A remote location (s3://, https://, ...) rather than a local path (or file://)."""
     text = str(path)

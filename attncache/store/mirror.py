@@ -20,8 +20,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import AttncacheError, CacheFormatError
-from ..files import PARTIAL_SUFFIX
-from .fs import stream_verified
+from ..files import PARTIAL_SUFFIX, stream_verified
 
 BLOCK = 8 << 20
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from ..cache import open_cache
 from ..errors import AttncacheError
+from ..files import stream_verified
 from ..store.format import MANIFEST, MAX_MANIFEST_BYTES, named_files
-from ..store.fs import CacheFS, stream_verified
+from ..store.fs import CacheFS
 
 BLOCK = 4 << 20
 
