@@ -236,14 +236,21 @@ def test_recipe_commands(tiny_teacher, tmp_path):
     assert nothing.exit_code == 2 and "pass --mode" in nothing.stderr
 
 
-def test_demo_end_to_end(tmp_path):
-    """`make demo` with one epoch per run: teacher -> caches -> verify -> scratch/copy/distill students -> table."""
+def test_demo_end_to_end(tmp_path, monkeypatch):
+    """`make demo` with one epoch per run, 2 seeds and 100 val images: teacher -> caches -> verify ->
+    scratch/copy/distill students -> table (the full demo's figures: tests/test_demo_figures.py)."""
+    monkeypatch.setattr("attncache.tools.demo.SEEDS", (0, 1))
+    monkeypatch.setattr("attncache.tools.demo.VAL_PER_CLASS", 25)
     result = _run("demo", "--out", tmp_path / "demo", "--epochs", "1")
     assert result.exit_code == 0, result.output
     assert "copy" in result.stdout and "distill" in result.stdout and "(verify: ok)" in result.stdout
     saved = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
-    assert saved["replay_max_abs_error"] < 1e-3
-    assert {f"student_{m}_val_top1" for m in ("scratch", "copy", "distill")} <= set(saved)
+    assert saved["replay_max_abs_error"] < 1e-3 and saved["val_cache"]["records"] == 100
+    for m in ("scratch", "copy", "distill"):  # the mean over the seeds, each seed's run in its own directory
+        seeds = saved[f"student_{m}_val_top1_seeds"]
+        assert len(seeds) == 2 and saved[f"student_{m}_val_top1"] == pytest.approx(sum(seeds) / 2)
+        assert f"{saved[f'student_{m}_val_top1']:.1f} ± {saved[f'student_{m}_val_top1_std']:.1f}" in result.stdout
+    assert (tmp_path / "demo" / "seed1" / "student_distill" / "model.safetensors").is_file()
 
 
 def test_extract_with_codec_args_then_bench_codecs(tmp_path, tiny_teacher):
