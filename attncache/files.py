@@ -263,3 +263,31 @@ def stream_verified(src, out, entry: dict, where: str, block: int, remote: bool)
     if n != entry["bytes"] or h.hexdigest() != entry["sha256"]:
         raise CacheFormatError(f"{where}: does not match the size and sha256 in the manifest (damaged, or "
                                "changed since it was published); nothing of it was kept")
+
+
+class FileLock:
+    """An exclusive flock on `path` (created if missing) for the block: the processes of a node take turns.
+    `best_effort`: where the lock file cannot be made (a read-only folder), go on unlocked instead of failing."""
+
+    def __init__(self, path: str | Path, best_effort: bool = False):
+        self.path, self.best_effort, self.fd = Path(path), best_effort, None
+
+    def __enter__(self):
+        import fcntl
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except OSError:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
+            if not self.best_effort:
+                raise
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the lock
+            self.fd = None

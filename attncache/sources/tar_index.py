@@ -14,7 +14,6 @@ tar again; ranks start at different shards (by pid), so a first listing is share
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import tempfile
@@ -22,6 +21,8 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from ..files import FileLock
 
 BLOCK = 512
 REGULAR = (b"0", b"\0", b"7")
@@ -167,22 +168,4 @@ class NodeMemo:
 
     def locked(self, identity: str):
         """An exclusive lock of one shard's listing (the ranks of a node list a shard once)."""
-        return _FileLock(self._name(identity).with_suffix(".lock"))
-
-
-class _FileLock:
-    def __init__(self, path: Path):
-        self.path, self.fd = path, None
-
-    def __enter__(self):
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
-        except OSError:  # no lock where the folder cannot be written: list it here, as without a memo
-            self.fd = None
-        return self
-
-    def __exit__(self, *exc):
-        if self.fd is not None:
-            os.close(self.fd)
+        return FileLock(self._name(identity).with_suffix(".lock"), best_effort=True)

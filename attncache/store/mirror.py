@@ -13,14 +13,13 @@ rename.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import tempfile
 from pathlib import Path
 
 from ..errors import AttncacheError, CacheFormatError
-from ..files import PARTIAL_SUFFIX, stream_verified
+from ..files import PARTIAL_SUFFIX, FileLock, stream_verified
 
 BLOCK = 8 << 20
 
@@ -77,18 +76,5 @@ class Mirror:
 
     def _locked(self):
         self.dir.mkdir(parents=True, exist_ok=True)
-        return _FileLock(self.dir / ".lock")
+        return FileLock(self.dir / ".lock")
 
-
-class _FileLock:
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
