@@ -7,7 +7,8 @@ the maps raw arrays with dtype and shape taken from the validated manifest.
 
 Opening costs the manifest alone, whatever the number of records: a record's view and sample are read when asked
 for. A pickled cache (what a DataLoader worker gets) carries the manifest's bytes, so a worker neither fetches nor
-re-validates it, and is bound to exactly the cache the main process opened.
+re-validates it, and is bound to exactly the cache the main process opened. `CacheFiles` is the same without the
+codec: what copying and verifying a cache need.
 """
 
 from __future__ import annotations
@@ -20,20 +21,17 @@ import numpy as np
 import torch
 
 from .codecs import get_codec
-from .codecs.inputs_klt import load_basis
 from .errors import AttncacheError, CacheFormatError
-from .files import StrictJSONError, loads_strict
+from .files import StrictJSONError
 from .store import READERS, CacheFS
 from .store.format import (
-    BASIS,
     MANIFEST,
     MAX_MANIFEST_BYTES,
-    PROJECTIONS,
     SAMPLES,
     VIEWS,
+    capture_shape,
     check_samples,
     check_views,
-    named_files,
     parse_jsonl,
     parse_manifest,
     row_of,
@@ -41,8 +39,8 @@ from .store.format import (
     uses_tables,
 )
 from .store.records import RecordTables, memory_tables
+from .store.shards import compact
 from .teacher import TeacherSpec
-from .teacher.projections import load_projections
 from .views import View, ViewPolicy
 
 
@@ -55,12 +53,33 @@ class CacheItem:
     maps: torch.Tensor  # (L, H, N, N) float32, decoded: probs or logits (cache.decodes_to); (L, H, 1, N) for `cls`
 
 
-class Cache:
+class CacheFiles:
+    """A cache's manifest (read, pinned and validated) and what it names: the files, the record tables and the store
+    reader, and no codec. `attncache copy` and `verify` need only this: each file is moved or hashed by its manifest
+    entry, a side file like any other, so a cache copies and verifies whatever its codec."""
+
+    check_codec = False  # the manifest rules that need its codec built (store/format.py); a `Cache` checks them
+
     def __init__(self, root: str, storage_options: dict | None = None, manifest_sha256: str | None = None,
-                 manifest_bytes: bytes | None = None, validated: bool = False):
+                 manifest_bytes: bytes | None = None, validated: dict | None = None):
         self.fs = CacheFS(root, storage_options)
         self.root = self.fs.url
-        data = manifest_bytes if manifest_bytes is not None else self._read_manifest()
+        if validated is not None:  # a loader worker: the manifest its parent read, pinned and validated
+            self.manifest_sha256, self.manifest_bytes, self.manifest = manifest_sha256, None, validated
+        else:
+            self._read_and_validate(manifest_bytes, manifest_sha256)
+        m = self.manifest
+        # The shard list as arrays (store/shards.py: ~1 MB for 20,000 shards, not ~40 MB of JSON per process);
+        # `known`: every file's size for range reads and sha256 for --cache-dir.
+        self.fs.known = compact(m)
+        self.num_samples: int = m["dataset"]["num_samples"]
+        self.views_per_image: int = m["views"]["views_per_image"]
+        # versions 5 on: tables read by row; before: JSONL files parsed whole on first use (small caches)
+        self._records: RecordTables | None = RecordTables.open(self.fs, m) if uses_tables(m) else None
+        self.reader = READERS[m["store"]["format"]](self.fs, m)
+
+    def _read_and_validate(self, data: bytes | None, manifest_sha256: str | None) -> None:
+        data = data if data is not None else self._read_manifest()
         # The manifest names every other file's sha256: pinning its own (as published beside the URL) pins all.
         self.manifest_sha256 = hashlib.sha256(data).hexdigest()
         if manifest_sha256 is not None and manifest_sha256.lower() != self.manifest_sha256:
@@ -69,30 +88,9 @@ class Cache:
                                    "since it was opened)")
         self.manifest_bytes = data  # exactly what was read, validated and (with manifest_sha256) pinned
         try:
-            # `validated`: bytes this process's parent validated (a loader worker): parsed, not checked again
-            self.manifest = loads_strict(data) if validated else parse_manifest(data)
+            self.manifest = parse_manifest(data, codec=self.check_codec)
         except (CacheFormatError, StrictJSONError) as exc:
             raise CacheFormatError(f"{self.root}/{MANIFEST}: {str(exc).removeprefix('manifest: ')}") from exc
-        m = self.manifest
-        self.fs.known = {f["path"]: f for f in named_files(m)}  # sizes for range reads, sha256 for --cache-dir
-        self.teacher = TeacherSpec.from_json(m["teacher"])
-        self.layers: list[int] = m["capture"]["layers"]
-        self.payload: str = m["capture"]["payload"]
-        self.codec = get_codec(m["codec"]["name"], **m["codec"]["params"])
-        if self.codec.needs_projections:  # read and checked now: decoding cannot start without them
-            t = m["teacher"]
-            self.codec.bind(load_projections(self._file(PROJECTIONS), len(m["capture"]["layers"]), t["num_heads"],
-                                             t["embed_dim"], self.fs.where(PROJECTIONS)))
-        if self.codec.needs_basis:
-            self.codec.bind_basis(load_basis(self._file(BASIS), len(m["capture"]["layers"]), m["teacher"]["embed_dim"],
-                                             self.fs.where(BASIS)))
-        self.decodes_to: str = self.codec.decodes_to(self.payload)  # "probs" or "logits"
-        self.num_samples: int = m["dataset"]["num_samples"]
-        self.views_per_image: int = m["views"]["views_per_image"]
-        self.policy = ViewPolicy.from_json(m["views"])  # how the views were drawn (augmentation, mixing)
-        # versions 5 on: tables read by row; before: JSONL files parsed whole on first use (small caches)
-        self._records: RecordTables | None = RecordTables.open(self.fs, m) if uses_tables(m) else None
-        self.reader = READERS[m["store"]["format"]](self.fs, m)
 
     def _read_manifest(self) -> bytes:
         try:
@@ -101,12 +99,6 @@ class Cache:
             if not self.fs.exists(MANIFEST):
                 raise CacheFormatError(f"{self.root}: not an attncache cache ({MANIFEST} missing)") from exc
             raise
-
-    def __reduce__(self):
-        # A DataLoader worker reopens the cache with the same filesystem options and the manifest bytes this
-        # process read and validated (sha256-bound): no worker fetches the manifest again, and none can see
-        # another cache than the main process.
-        return _reopen, (self.root, self.fs.storage_options, self.manifest_sha256, self.manifest_bytes)
 
     @property
     def storage_options(self) -> dict:
@@ -135,6 +127,41 @@ class Cache:
 
     def __len__(self) -> int:
         return self.manifest["store"]["records"]
+
+    def check_records(self) -> int:
+        """Read and check every sample and view (what `verify` does); returns the records checked."""
+        for index in range(self.num_samples):
+            self.records.sample(index)
+        for row in range(len(self)):
+            self.records.view(row)
+        return len(self)
+
+
+class Cache(CacheFiles):
+    """A cache to read: its records by (key, view) or row, decoded by its codec, which is built and bound to the
+    cache's side files at open."""
+
+    check_codec = True
+
+    def __init__(self, root: str, storage_options: dict | None = None, manifest_sha256: str | None = None,
+                 manifest_bytes: bytes | None = None, validated: dict | None = None):
+        super().__init__(root, storage_options, manifest_sha256, manifest_bytes, validated)
+        m = self.manifest
+        self.teacher = TeacherSpec.from_json(m["teacher"])
+        self.layers: list[int] = m["capture"]["layers"]
+        self.payload: str = m["capture"]["payload"]
+        self.codec = get_codec(m["codec"]["name"], **m["codec"]["params"])
+        # read and checked now: decoding cannot start without them
+        self.codec.bind({side.name: self._file(side.name) for side in self.codec.side_files}, capture_shape(m),
+                        self.fs.where)
+        self.decodes_to: str = self.codec.decodes_to(self.payload)  # "probs" or "logits"
+        self.policy = ViewPolicy.from_json(m["views"])  # how the views were drawn (augmentation, mixing)
+
+    def __reduce__(self):
+        # A DataLoader worker reopens the cache with the same filesystem options and the manifest this process
+        # read, pinned and validated, in its compact form (the shard list as arrays): no worker fetches or parses
+        # the manifest again (6 MB of JSON for 20,000 shards), and none can see another cache than the main process.
+        return _reopen, (self.root, self.fs.storage_options, self.manifest_sha256, self.manifest)
 
     def row(self, key: str, view: int = 0) -> int:
         index = self.records.index_of(key)
@@ -197,14 +224,6 @@ class Cache:
             hi = int(labels.max()) if hi is None else max(hi, int(labels.max()))
         return lo, hi
 
-    def check_records(self) -> int:
-        """Read and check every sample and view (what `verify` does); returns the records checked."""
-        for index in range(self.num_samples):
-            self.records.sample(index)
-        for row in range(len(self)):
-            self.records.view(row)
-        return len(self)
-
     def read_fields(self, rows: list[int]) -> dict[str, torch.Tensor]:
         """The codec's compact fields of these rows, on the CPU (what loader workers hand to the trainer)."""
         return {k: torch.from_numpy(v) for k, v in self.reader.read(list(rows)).items()}
@@ -234,7 +253,7 @@ class Cache:
 
     def summary(self) -> dict:
         m = self.manifest
-        stored = sum(f["bytes"] for s in m["store"]["shards"] for f in s["files"])
+        stored = m["store"]["shards"].total_bytes()
         raw = len(self) * math.prod(m["capture"]["map_shape"]) * 2
         return {
             "root": self.root, "version": m["version"], "manifest_sha256": self.manifest_sha256,
@@ -263,8 +282,8 @@ def _describe(a) -> str:
     return ", ".join(parts) or "none"
 
 
-def _reopen(root: str, storage_options: dict, manifest_sha256: str, manifest_bytes: bytes) -> Cache:
-    return Cache(root, storage_options, manifest_sha256, manifest_bytes, validated=True)
+def _reopen(root: str, storage_options: dict, manifest_sha256: str, manifest: dict) -> Cache:
+    return Cache(root, storage_options, manifest_sha256, validated=manifest)
 
 
 def open_cache(root: str, storage_options: dict | None = None, manifest_sha256: str | None = None) -> Cache:

@@ -7,7 +7,7 @@ import torch
 from .errors import AttncacheError
 
 
-def parse_device(name: str, flag: str = "--device") -> torch.device:
+def parse_device(name: str, flag: str = "`device`") -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError) as exc:

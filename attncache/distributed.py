@@ -1,11 +1,12 @@
 """The process group, when a command runs under torchrun (or SLURM's srun with torchrun's variables).
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; `World.from_env()` joins the group and says which rank this process
-is. On CPU the group is gloo. On CUDA each rank first makes its own GPU (LOCAL_RANK) the current device, and the
-group is nccl for CUDA tensors (DDP's gradients) with gloo beside it for CPU tensors: the small control collectives
-(losses, stop flags, RNG states, plans) are CPU tensors or objects, which nccl alone refuses or would stage through
-the current GPU (GPU 0 for every rank, had the device not been set). Without those variables the world is one
-process and every collective is a no-op, so the same code runs alone or distributed.
+is (`World.env()` only reads which). On CPU the group is gloo. On CUDA each rank first makes its own GPU
+(LOCAL_RANK) the current device, and the group is nccl for CUDA tensors (DDP's gradients) with gloo beside it for
+CPU tensors: the small control collectives (losses, stop flags, RNG states, plans) are CPU tensors or objects,
+which nccl alone refuses or would stage through the current GPU (GPU 0 for every rank, had the device not been
+set). Without those variables the world is one process and every collective is a no-op, so the same code runs
+alone or distributed.
 """
 
 from __future__ import annotations
@@ -34,14 +35,21 @@ class World:
         return self.size > 1
 
     @classmethod
-    def from_env(cls, device: torch.device) -> World:
+    def env(cls) -> World:
+        """The world torchrun's variables describe, without joining its group: enough to know which rank this
+        process is (rank 0 speaks for the job) once the work that joined it is done."""
         size = int(os.environ.get("WORLD_SIZE", "1"))
         if size <= 1:
             return cls()
-        rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+        return cls(int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0")))
+
+    @classmethod
+    def from_env(cls, device: torch.device) -> World:
+        world = cls.env()
+        if not world.distributed:
+            return world
         import torch.distributed as dist
 
-        world = cls(rank, size, local_rank)
         if device.type == "cuda":
             torch.cuda.set_device(world.device(device))
         if not dist.is_initialized():

@@ -38,7 +38,7 @@ def evaluate_run(run: str, val_cache: str | None = None, val_data: str | None = 
         partner = TrainedStudent(ensemble_with, "model", device)  # --ema chooses the student's weights only
         p_probs, p_labels, p_keys = partner.predict(val_cache, val_data, batch_size, workers, storage_options)
         if p_keys != keys or not torch.equal(p_labels, labels):
-            raise AttncacheError(f"--ensemble-with {ensemble_with}: evaluated on other images than the student")
+            raise AttncacheError(f"`ensemble_with` {ensemble_with}: evaluated on other images than the student")
         results.update({f"finetuned_{k}": v for k, v in accuracy(p_probs, labels).items()})
         results.update({f"ensemble_{k}": v for k, v in accuracy((probs + p_probs) / 2, labels).items()})
     return results
@@ -60,11 +60,12 @@ class TrainedStudent:
             raise AttncacheError(f"{path}: not an attncache training run (no readable {CONFIG})") from exc
         self.file = file = path if path.is_file() else self.run / f"{weights}.safetensors"
         if not file.is_file():
-            raise AttncacheError(f"{file}: no such weights (is the run finished? with --ema it has ema.safetensors)")
+            ema = "; a run trained without `ema` has no ema.safetensors" if weights == "ema" else ""
+            raise AttncacheError(f"{file}: no such weights (is the run finished?{ema})")
         self.device = parse_device(device)
         self.model = create_student(self.spec)
         try:
-            self.model.load_state_dict(read_state_dict(file, "--checkpoint"))
+            self.model.load_state_dict(read_state_dict(file, "`checkpoint`"))
         except RuntimeError as exc:
             raise AttncacheError(f"{file}: does not fit the run's student ({str(exc)[:200]})") from exc
         self.model.to(self.device).eval()
@@ -76,15 +77,18 @@ class TrainedStudent:
         cache = open_cache(val_cache, storage_options) if val_cache else None
         if self.mode.eval_with_maps and cache is None:
             raise AttncacheError(f"{self.run}: a {self.mode.name}-mode student needs the teacher's maps: "
-                                 "pass --val-cache")
+                                 "pass `val_cache`")
         if cache is not None and self.mode.eval_with_maps \
                 and cache.teacher.weights_sha256 != self.teacher.weights_sha256:
-            raise AttncacheError(f"--val-cache {val_cache}: made by other teacher weights than {self.run}'s")
-        source = open_source(val_data, "val") if val_data else None
+            raise AttncacheError(f"`val_cache` {val_cache}: made by other teacher weights than {self.run}'s")
+        try:
+            source = open_source(val_data, "val") if val_data else None
+        except AttncacheError as exc:  # the source names its path as `data`: here it is `val_data`
+            raise type(exc)(str(exc).replace("`data`", "`val_data`", 1)) from exc
         stream = eval_stream(cache, source, self.teacher, self.spec.num_classes, batch_size,
                              with_maps=self.mode.eval_with_maps)
         if stream is None:
-            raise AttncacheError("pass --val-cache and/or --val-data (the run has none recorded)")
+            raise AttncacheError("pass `val_cache` and/or `val_data` (the run has none recorded)")
         maps = CachedMaps(cache, self.layers, self.mode, self.device) if self.mode.eval_with_maps else None
         probs, labels = predict(self.model, make_loader(stream, workers), self.layers, maps, self.device)
         return probs, labels, stream.keys()

@@ -82,24 +82,26 @@ def disk_full_names(path: str | Path):
         raise disk_full(exc.filename or path, None) from exc
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` atomically, with the mode a newly created file would have. A full disk raises
-    DiskFullError (the temporary file removed, `path` as it was)."""
+def atomic_write_bytes(path: str | Path, data) -> None:
+    """Write `data` (bytes, or an iterable of byte chunks: written as they come, never joined) to `path`
+    atomically, with the mode a newly created file would have. A full disk raises DiskFullError (the temporary
+    file removed, `path` as it was)."""
     path = Path(path)
     try:
-        _atomic_write(path, data)
+        _atomic_write(path, [data] if isinstance(data, (bytes, bytearray, memoryview)) else data)
     except OSError as exc:
         if exc.errno not in NO_SPACE:
             raise
-        raise disk_full(path, len(data)) from exc
+        raise disk_full(path, len(data) if isinstance(data, (bytes, bytearray, memoryview)) else None) from exc
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, chunks) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fchmod(f.fileno(), file_mode())  # mkstemp creates 0600
             os.fsync(f.fileno())
@@ -119,7 +121,7 @@ def atomic_write_json(path: str | Path, obj, indent: int | None = 2) -> None:
 
 
 def write_jsonl(path: str | Path, rows) -> None:
-    atomic_write_bytes(path, b"".join(dumps_canonical(r) + b"\n" for r in rows))
+    atomic_write_bytes(path, (dumps_canonical(r) + b"\n" for r in rows))
 
 
 class StrictJSONError(ValueError):

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-from .errors import AttncacheError
+from .errors import ConfigError
 from .extract.config import ExtractConfig
 from .train.config import TrainConfig
+from .train.modes import MODES
 from .views import Augmentation
 
 # Both recipes train on the same views: timm's create_transform with RandAugment and erasing, then timm's Mixup.
@@ -20,6 +21,8 @@ REFERENCE_AUGMENTATION = Augmentation(randaugment="rand-m9-mstd0.5-inc1", erase_
                                       erase_count=1, mixup=0.8, cutmix=1.0, mix_prob=1.0, mix_switch=0.5)
 # The distill recipe's teacher also runs with the student's drop-path masks (rate 0.2): the cache stores them.
 DISTILL_AUGMENTATION = replace(REFERENCE_AUGMENTATION, teacher_drop_path=0.2)
+# train_config and extract_config also take the augmentation's fields one by one (`mixup=0.0`)
+AUGMENTATION_OPTIONS = frozenset(f.name for f in fields(Augmentation))
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,13 @@ class Recipe:
                 "layer_decay": self.layer_decay, "drop_path": self.drop_path, "ema": self.ema,
                 "label_smoothing": self.label_smoothing, "augment": self.augment}
 
+    @property
+    def presets(self) -> frozenset[str]:
+        """The options this recipe sets, by the flat names `train_config` and `extract_config` take (augmentation
+        field by field). A front end whose options all have defaults passes only those of these the user gave:
+        an option passed at its default would mask the recipe's value."""
+        return frozenset(self.train_options(batch_size=256)) - {"augment"} | AUGMENTATION_OPTIONS
+
 
 RECIPES: dict[str, Recipe] = {
     # ViT-L, batch 2048: peak lr 8e-3 decaying to the reference's min_lr 2e-3 (ratio 1/4); layer decay 0.75.
@@ -58,7 +68,7 @@ RECIPES: dict[str, Recipe] = {
 
 def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
-        raise AttncacheError(f"--recipe {name!r}: expected one of {sorted(RECIPES)}")
+        raise ConfigError(f"`recipe` {name!r}: expected one of {sorted(RECIPES)}")
     return RECIPES[name]
 
 
@@ -69,6 +79,8 @@ def train_config(recipe: str | None = None, **options) -> TrainConfig:
     if recipe is not None:
         r = get_recipe(recipe)
         preset = r.train_options(options.get("batch_size", _default(TrainConfig, "batch_size")), options.get("lr"))
+    elif options.get("mode") is None:
+        raise ConfigError(f"pass `mode` ({', '.join(MODES)}) or `recipe`")
     options = _merge_augmentation(options, preset.get("augment", Augmentation()))
     return TrainConfig(**{**preset, **options})
 
@@ -80,9 +92,8 @@ def extract_config(recipe: str | None = None, **options) -> ExtractConfig:
 
 
 def _merge_augmentation(options: dict, base: Augmentation) -> dict:
-    names = {f.name for f in fields(Augmentation)}
-    single = {k: options[k] for k in names & set(options)}
-    rest = {k: v for k, v in options.items() if k not in names}
+    single = {k: options[k] for k in AUGMENTATION_OPTIONS & set(options)}
+    rest = {k: v for k, v in options.items() if k not in AUGMENTATION_OPTIONS}
     return {**rest, "augment": replace(rest.get("augment", base), **single)}
 
 

@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import AttncacheError
+from .errors import ConfigError
 from .files import StrictJSONError, atomic_write_json, read_json, remove_partials
 
 NEW, RESUME, FINISHED, RECLAIM = "new", "resume", "finished", "reclaim"
@@ -62,27 +62,27 @@ class RunDir:
         return (self.path / self.plan_file).is_file() or (self.path / self.done_file).is_file()
 
     def check(self, plan: dict) -> str:
-        """NEW, RESUME, FINISHED or RECLAIM; raises AttncacheError for a directory that is not ours to write."""
+        """NEW, RESUME, FINISHED or RECLAIM; raises ConfigError for a directory that is not ours to write."""
         out = self.path
         if out.exists() and not out.is_dir():
-            raise AttncacheError(f"--out {out}: exists and is not a directory")
+            raise ConfigError(f"`out` {out}: exists and is not a directory")
         if self.is_free():
             return NEW
         if not self.is_ours():
-            raise AttncacheError(f"--out {out}: not empty and holds no attncache {self.kind}; "
-                                 "choose an empty or new directory")
+            raise ConfigError(f"`out` {out}: not empty and holds no attncache {self.kind}; "
+                              "choose an empty or new directory")
         try:
             old = self._recorded_plan(out)
         except (OSError, StrictJSONError, KeyError, TypeError) as exc:
-            raise AttncacheError(f"--out {out}: its {self.kind} plan is unreadable ({exc}); "
-                                 "choose another --out") from exc
+            raise ConfigError(f"`out` {out}: its {self.kind} plan is unreadable ({exc}); "
+                              "choose another `out`") from exc
         differ = self._differences(old, plan)
         if differ:
             if not self._started(out, old):
                 return RECLAIM
             verb = "differs" if len(differ) == 1 else "differ"
-            raise AttncacheError(f"--out {out}: holds a different {self.kind} ({', '.join(differ)} {verb}); "
-                                 "choose another --out")
+            raise ConfigError(f"`out` {out}: holds a different {self.kind} ({', '.join(differ)} {verb}); "
+                              "choose another `out`")
         return FINISHED if (out / self.done_file).is_file() else RESUME
 
     def claim(self, plan: dict, shared: bool = False) -> str:
@@ -113,7 +113,7 @@ class RunDir:
             fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
             os.close(fd)
-            raise AttncacheError(f"--out {self.path}: another attncache process is writing to it") from exc
+            raise ConfigError(f"`out` {self.path}: another attncache process is writing to it") from exc
         self._lock_fd = fd
 
     def lock(self) -> None:

@@ -1,5 +1,5 @@
 """`make bench-gpu`: attncache's figures on one GPU, in one run of under five minutes, composed of `attncache bench`'s
-pieces (attncache/tools/bench.py). docs/benchmarks.md ("GPU") has the device command and the targets.
+pieces (attncache/tools/bench/). docs/benchmarks.md ("GPU") has the device command and the targets.
 
 Sections, in order, each with a time cap inside the run's budget (a part that would not fit in what is left of its
 section is skipped with a note; one that overruns is stopped at the cap and noted; an error is noted and the run
@@ -46,8 +46,7 @@ import torch
 from PIL import Image
 
 from attncache import open_cache
-from attncache.codecs import get_codec
-from attncache.codecs.inputs_klt import fit_basis
+from attncache.codecs import SideFileInputs, get_codec
 from attncache.device import parse_device
 from attncache.extract import ExtractConfig, extract
 from attncache.sources import open_source
@@ -208,7 +207,7 @@ def _raise_timeout(signum, frame):
 class Run:
     def __init__(self, plan: Plan, out: Path, work: Path, dinov2: Path):
         self.plan, self.out, self.work, self.dinov2 = plan, out, work, dinov2
-        self.device = parse_device(plan.device)
+        self.device = parse_device(plan.device, "--device")
         self.budget = Budget(plan.budget_s, plan.estimates)
         self.rows: list[dict] = []
         self.parts: dict[str, dict] = {}
@@ -320,12 +319,14 @@ class Run:
         x = rendered_views(open_source(self.data, limit=p.batch), tspec, 1).to(self.device)
         with AttentionCapture(hooked, layers, payload) as capture:
             captured = capture(x)
-        if codec.needs_basis and (self.big, spec) in self.caches:  # section 1's cache: its basis, fitted once
+        fitted = any(side.fitted for side in codec.side_files)
+        if fitted and (self.big, spec) in self.caches:  # section 1's cache: its basis, fitted once
             codec = open_cache(self.caches[(self.big, spec)]).codec
-        elif codec.needs_projections:
-            codec.bind(from_model(hooked, layers))
-            if codec.needs_basis:  # fitted on a few views (a basis costs seconds per layer on a CPU; decode's
-                codec.bind_basis(fit_basis(captured[:8].cpu(), from_model(hooked, layers)))  # speed is the same)
+        elif codec.side_files:  # a fitted one on a few views (a basis costs seconds per layer on a CPU; decode's
+            calibration = captured[:8].cpu()  # speed is the same)
+            teacher = SideFileInputs(hooked, layers, lambda count: calibration)
+            codec.bind({side.name: side.build(codec, teacher) for side in codec.side_files},
+                       tspec.capture_shape(len(layers)))
         fields = {k: torch.from_numpy(v) for k, v in codec.encode(captured, payload).items()}
         del captured
         views_per_s = device_decode_rate(codec, [fields], payload, self.device, p.repeats)

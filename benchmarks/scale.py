@@ -311,6 +311,127 @@ def child_extract(a: dict) -> dict:
     return out
 
 
+SYNTH_TEMPLATE_IMAGES = 64  # the real extraction whose plan a synthetic cache takes (teacher, codec, views)
+SYNTH_DRAWN = 3200  # images whose 4 views are really drawn by the policy; the views table tiles them
+
+
+def child_synth(a: dict) -> dict:
+    """A cache of N records written through the library's own writers, with random maps instead of a teacher's
+    (`--maps synthetic`): what a 5.12M-record cache costs a *reader* does not depend on the maps' values, and a
+    real extraction of 5.12M records takes ~7 h on 2 cores. Everything else is real:
+
+    - the plan (teacher, capture, codec, views policy) is the manifest of a real `extract()` of the source's first
+      images, with the store and dataset sections of N records;
+    - the samples table holds the source's real keys, labels, sizes and sha256 (training checks each image);
+    - the views table holds the at-distill views of the first SYNTH_DRAWN images, really drawn by the policy
+      (RandAugment, erasing, mixup/cutmix partner and its view, 24 drop-path masks), repeated over the images
+      with each partner shifted along (so it stays another image; every image is 16x16, so every box fits);
+    - the shards are written by the store's writer (`WRITERS[format]`), each marked done as extraction does, and
+      `extract.plan.finish` writes and validates the manifest (every file's sha256) exactly as extraction does."""
+    import hashlib
+
+    import numpy as np
+
+    import attncache.extract
+    from attncache.codecs import FieldSpec
+    from attncache.extract import DrawnViews
+    from attncache.extract import plan as plans
+    from attncache.files import atomic_write_json
+    from attncache.recipes import extract_config
+    from attncache.store import WRITERS
+    from attncache.store import records as rec
+    from attncache.store.format import PLAN, dataset_fingerprint
+    from attncache.store.tables import TableWriter, write_table
+    from attncache.views import ViewPolicy
+
+    t0 = time.perf_counter()
+    out, images, per_shard = Path(a["cache"]), a["records"] // VIEWS, a["per_shard"]
+    template_dir = out.with_name(out.name + ".template")
+    # the template's listing goes to a memo of its own: the row's node memo stays cold for the `list` measurement
+    os.environ["ATTNCACHE_MIRROR_DIR"] = str(template_dir.with_name(template_dir.name + ".node"))
+    cfg = extract_config(RECIPE, teacher=_teacher(), data=a["data"], out=str(template_dir),
+                         format=a["format"], views=VIEWS, layers=LAYERS, codec=CODEC, limit=SYNTH_TEMPLATE_IMAGES,
+                         workers=1, progress=False)
+    template = attncache.extract.extract(cfg)
+    _, spec = _teacher().build()
+
+    keys = [key_of(i) for i in range(images)]
+    digests = np.empty((images, 32), np.uint8)
+    for i in range(images):
+        digests[i] = np.frombuffer(hashlib.sha256(image_png(i)).digest(), np.uint8)
+    rows = np.zeros(images, rec.SAMPLE_DTYPE)
+    lengths = np.array([len(k) for k in keys], np.int64)
+    rows["key_offset"] = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    rows["key_bytes"], rows["label"] = lengths, np.arange(images) % CLASSES
+    rows["width"] = rows["height"] = IMAGE_SIDE
+    rows["sha256"] = digests
+    hexes = [d.tobytes().hex() for d in digests]
+    fingerprint = dataset_fingerprint({"key": k, "sha256": h} for k, h in zip(keys, hexes, strict=True))
+    per_block = rec.DEFAULT_ROWS_PER_BLOCK
+    out.mkdir(parents=True, exist_ok=True)
+    entries = {
+        rec.SAMPLES_TABLE: write_table(out / rec.SAMPLES_TABLE, rows, per_block[rec.SAMPLES_TABLE]),
+        rec.KEYS_TABLE: write_table(out / rec.KEYS_TABLE, np.frombuffer("".join(keys).encode(), np.uint8),
+                                    per_block[rec.KEYS_TABLE]),
+        rec.KEY_INDEX_TABLE: write_table(out / rec.KEY_INDEX_TABLE, rec.key_index_rows(keys),
+                                         per_block[rec.KEY_INDEX_TABLE])}
+    drawn_n = min(SYNTH_DRAWN, images)
+    first_samples = [{"key": keys[i], "label": int(rows["label"][i]), "sha256": hexes[i], "width": IMAGE_SIDE,
+                      "height": IMAGE_SIDE} for i in range(drawn_n)]
+    del keys, hexes
+    policy = ViewPolicy.from_json(template["views"])
+    drawn = DrawnViews(policy, first_samples, spec)
+    layout = rec.Layout.of(template)
+    tile = rec.record_rows(list(drawn), layout)  # view-major: row v * drawn_n + i
+    views = TableWriter(out / rec.VIEWS_TABLE, layout.record_dtype(),
+                        rec.rows_per_block_for(layout.record_dtype().itemsize))
+    for v in range(VIEWS):
+        for first in range(0, images, drawn_n):
+            chunk = tile[v * drawn_n:v * drawn_n + min(drawn_n, images - first)].copy()
+            if layout.mixes:
+                chunk["partner"] = (chunk["partner"] + first) % images
+            views.append(chunk)
+    entries[rec.VIEWS_TABLE] = views.close()
+    tables_s = time.perf_counter() - t0
+
+    records = images * VIEWS
+    plan = {k: template[k] for k in ("format", "version", "teacher", "capture", "codec", "views")}
+    plan["store"] = {**{k: template["store"][k] for k in plans.PLAN_STORE_KEYS}, "records": records,
+                     "records_per_shard": per_shard}
+    plan["dataset"] = {**template["dataset"], "num_samples": images, "fingerprint": fingerprint}
+    plan["files"] = {}
+    atomic_write_json(out / PLAN, plan)
+    plans.write_tables_marker(out, entries)
+    fields = {k: FieldSpec(tuple(f["shape"]), f["dtype"]) for k, f in plan["codec"]["fields"].items()}
+    writer = WRITERS[plan["store"]["format"]](out, fields, plan["codec"]["compressor"], records, per_shard, False)
+    rng = np.random.default_rng(0)
+    for s in range(plans.num_shards(records, per_shard)):
+        n = min(per_shard, records - s * per_shard)
+        arrays = {}
+        for name, f in fields.items():  # rows of attention-like maps: positive, each query's row sums to 1
+            x = rng.random((n, *f.shape), dtype=np.float32) + 1e-3
+            arrays[name] = (x / x.sum(-1, keepdims=True)).astype(f.dtype)
+        writer.write_shard(s, arrays, [], None)
+        plans.write_marker(out, s, writer.shard_paths(s))
+    manifest = plans.finish(out)
+    return {"synth_s": time.perf_counter() - t0, "synth_tables_s": tables_s, "shards": len(manifest["store"]["shards"]),
+            "records_per_shard": per_shard, "synth_drawn_images": drawn_n, "synth_rss_peak_mb": rss_mb()}
+
+
+def child_list(a: dict) -> dict:
+    """The source listed as training lists it (its key index built: every tar's headers walked, or read from
+    the node's memo of an earlier listing)."""
+    _import_attncache()
+    from attncache.sources import open_source
+
+    t = time.perf_counter()
+    source = open_source(a["data"], "train", None)
+    missing = source.missing_keys([key_of(0)])
+    if missing:
+        raise SystemExit(f"{a['data']}: {missing[0]} not listed")
+    return {"list_s": time.perf_counter() - t, "list_rss_mb": rss_mb()}
+
+
 def child_open(a: dict) -> dict:
     import_s, where = _import_attncache()
     import attncache
@@ -432,7 +553,8 @@ def child_train(a: dict) -> dict:
             "pss_samples": sampler.samples, "pss_interval_s": sampler.mean_interval, "pss_sampler_cpu_s": sampler.cpu_s}
 
 
-CHILDREN = {"extract": child_extract, "open": child_open, "random": child_random, "plan": child_plan,
+CHILDREN = {"extract": child_extract, "synth": child_synth, "list": child_list, "open": child_open,
+            "random": child_random, "plan": child_plan,
             "train": child_train}
 
 
@@ -473,12 +595,14 @@ COLUMNS = [  # (header, key, format)
     ("random row µs", "random_row_us", "{:.1f}"),
     ("plan zarr s", "plan_zarr_s", "{:.3f}"),
     ("plan wds s", "plan_wds_s", "{:.3f}"),
+    ("source list s", "list_s", "{:.1f}"),
     ("first step s", "first_step_s", "{:.1f}"),
     ("workers", "workers", "{}"),
     ("tree PSS peak MB", "tree_pss_peak_mb", "{:,.0f}"),
     ("extract s", "extract_s", "{:,.0f}"),
     ("extract RSS peak MB", "extract_rss_peak_mb", "{:,.0f}"),
     ("RSS growth B/record", "extract_rss_growth_b_per_record", "{:,.0f}"),
+    ("synthetic build s", "synth_s", "{:,.0f}"),
 ]
 
 
@@ -533,7 +657,12 @@ def main() -> None:
     p.add_argument("--extract-workers", type=int, default=1,
                    help="extraction render threads, also the scan's (more than 1 can race on a webdataset "
                    "source's shared file handles)")
-    p.add_argument("--only", default="open,random,plan,train",
+    p.add_argument("--maps", choices=("teacher", "synthetic"), default="teacher",
+                   help="teacher: a real extraction; synthetic: the library's writers with random maps (see "
+                   "child_synth: every metadata file real, 5.12M records in minutes, not hours)")
+    p.add_argument("--records-per-shard", type=int, default=256,
+                   help="shard size of a synthetic cache (256: 20,000 shards at 5.12M, as a ViT-L cache has)")
+    p.add_argument("--only", default="list,open,random,plan,train",
                    help="measurements to run (the extraction is measured whenever the cache is built)")
     p.add_argument("--results", type=Path, default=None, help="JSON lines appended to (default: WORK/results.jsonl)")
     p.add_argument("--build-only", action="store_true", help="build the source and the cache, measure nothing else")
@@ -563,7 +692,9 @@ def main() -> None:
     images = args.records // VIEWS
     row_dir = args.work / f"n{args.records}"
     src_dir = row_dir / f"source-{args.source}"
-    cache_dir = row_dir / f"cache-{args.format}-v{format_version()}"  # one per format version of the code
+    synthetic = args.maps == "synthetic"
+    cache_dir = row_dir / (f"cache-{args.format}-v{format_version()}"  # one per format version of the code
+                           + (f"-synthetic{args.records_per_shard}" if synthetic else ""))
     extract_file = cache_dir.with_name(cache_dir.name + ".extract.json")
     results = args.results or args.work / "results.jsonl"
     only = {x.strip() for x in args.only.split(",") if x.strip()}
@@ -578,9 +709,17 @@ def main() -> None:
     say(f"source {source['data']} ready ({time.perf_counter() - t:.1f} s here, built in {source['build_s']:.1f} s)")
     row["source_build_s"] = source["build_s"]
 
-    if (cache_dir / "manifest.json").is_file() and extract_file.is_file():
+    # The node memo of the source's listing lives in the row's folder: cold on the row's first run, as on a new node.
+    os.environ["ATTNCACHE_MIRROR_DIR"] = str(row_dir / "node")
+    if synthetic and not ((cache_dir / "manifest.json").is_file() and extract_file.is_file()):
+        say(f"writing {args.records:,} records with synthetic maps into {cache_dir} ...")
+        extraction = run_child("synth", {"data": source["data"], "cache": str(cache_dir), "format": args.format,
+                                         "records": args.records, "per_shard": args.records_per_shard}, None, row_dir)
+        extract_file.write_text(json.dumps(extraction))
+        say(f"written in {extraction['synth_s']:.0f} s ({extraction['shards']:,} shards)")
+    elif (cache_dir / "manifest.json").is_file() and extract_file.is_file():
         extraction = json.loads(extract_file.read_text())
-        say(f"cache {cache_dir} reused (extracted in {extraction['extract_s']:.0f} s)")
+        say(f"cache {cache_dir} reused")
     else:
         resumed = cache_dir.exists()
         say(f"extracting {args.records:,} records into {cache_dir}{' (resuming)' if resumed else ''} ...")
@@ -591,8 +730,13 @@ def main() -> None:
         extract_file.write_text(json.dumps(extraction))
         say(f"extracted in {extraction['extract_s']:.0f} s, peak RSS {extraction['extract_rss_peak_mb']:.0f} MB")
     row.update(extraction)
+    row["maps"] = args.maps
     if args.build_only:
         return
+    if args.source == "wds" and "list" in only:
+        memo_warm = (row_dir / "node").is_dir()
+        row.update(run_child("list", {"data": source["data"]}, args.timeout, row_dir), list_memo_warm=memo_warm)
+        say(f"source listed in {row['list_s']:.1f} s ({'warm' if memo_warm else 'cold'} node memo)")
 
     if not args.no_warm:
         mb = warm([cache_dir, src_dir])

@@ -251,12 +251,12 @@ def test_augmentation_leaves_the_crops_as_they_were():
 
 def test_bad_augmentation_options_fail_before_work():
     for kw, match in ((dict(randaugment="autoaug-v0"), "RandAugment string"),
-                      (dict(randaugment="rand-m9-zz3"), "timm accepts"), (dict(erase_prob=2.0), "erase-prob"),
-                      (dict(erase_mode="rand"), "erase-mode"), (dict(mixup=-1.0), "mixup"),
-                      (dict(mix_switch=1.5), "mix-switch")):
+                      (dict(randaugment="rand-m9-zz3"), "timm accepts"), (dict(erase_prob=2.0), "^`erase_prob` 2.0"),
+                      (dict(erase_mode="rand"), "^`erase_mode` 'rand'"), (dict(mixup=-1.0), "^`mixup` -1.0"),
+                      (dict(mix_switch=1.5), "^`mix_switch` 1.5")):
         with pytest.raises(AttncacheError, match=match):
             Augmentation(**kw)
-    with pytest.raises(AttncacheError, match="split val"):
+    with pytest.raises(AttncacheError, match="^`split` val"):
         ViewPolicy(split="val", augment=Augmentation(mixup=0.8))
 
 
@@ -447,7 +447,7 @@ def test_cache_without_the_recipes_views_is_refused(tmp_path, folder_fp32_zarr, 
     with pytest.raises(AttncacheError, match="teacher_drop_path 0.0 \\(asked: 0.2\\)"):  # at-copy's views
         train(train_config("at-distill", out=str(tmp_path / "r"), cache=str(recipe_zarr),
                            data=str(image_folder), workers=0, progress=False))
-    with pytest.raises(AttncacheError, match="drop-path masks at rate 0.2: train with --drop-path 0.2"):
+    with pytest.raises(AttncacheError, match="drop-path masks at rate 0.2: train with `drop_path` 0.2"):
         train(train_config(None, mode="distill", out=str(tmp_path / "r"), cache=str(recipe_wds), workers=0,
                            progress=False))
     assert not (tmp_path / "r").exists()

@@ -112,7 +112,7 @@ def test_bench_train_refuses_a_foreign_out_before_any_work(tmp_path, folder_fp16
     from attncache.tools.bench import TrainBench, bench_train
 
     (tmp_path / "keep.txt").write_text("mine")
-    with pytest.raises(AttncacheError, match=f"--out {tmp_path}: not empty"):
+    with pytest.raises(AttncacheError, match=f"`out` {tmp_path}: not empty"):
         bench_train(TrainBench(cache=str(folder_fp16_zarr), data=str(image_folder), out=str(tmp_path),
                                teacher=TeacherOptions(pretrained=False)))
     assert (tmp_path / "keep.txt").read_text() == "mine"

@@ -99,7 +99,7 @@ def test_parse_layers(spec, depth, expected):
 
 @pytest.mark.parametrize("spec", ["4", "0,9", "-1", "a", "1-", "3-1", "", "0;1", "1.5", [5]])
 def test_parse_layers_rejects(spec):
-    with pytest.raises(AttncacheError, match="--layers"):
+    with pytest.raises(AttncacheError, match="`layers`"):
         parse_layers(spec, 4)
 
 

@@ -8,7 +8,9 @@ import time
 
 import pytest
 import torch
+import typer
 from attncache_cli.main import app
+from attncache_cli.options import FROM_CONFIG
 from conftest import make_image_folder
 from typer.testing import CliRunner
 
@@ -28,6 +30,16 @@ def cli_cache(tmp_path_factory, tiny_teacher):
                   "--layers", "0", "--format", "wds", "--shard-records", "5", "--embed-images")
     assert result.exit_code == 0, result.output
     return out, result
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, cli_cache):
+    """A finished copy-mode run on `cli_cache` (its own val cache), without EMA weights."""
+    run = tmp_path_factory.mktemp("cli") / "run"
+    result = _run("train", "--mode", "copy", "--cache", cli_cache[0], "--val-cache", cli_cache[0], "--out", run,
+                  "--epochs", "1", "--batch-size", "4", "--workers", "0", "--quiet")
+    assert result.exit_code == 0, result.output
+    return run
 
 
 def test_extract_inspect_verify(cli_cache, tiny_teacher):
@@ -280,3 +292,186 @@ def test_extract_with_codec_args_then_bench_codecs(tmp_path, tiny_teacher):
 def test_bench_codecs_refuses_unknown_codec_before_work():
     result = runner.invoke(app, ["bench", "codecs", "--codec", "zfp:level=3"])
     assert result.exit_code == 2 and "unknown codec 'zfp'" in result.output
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the CLI parses; the library owns the defaults and the checks
+
+
+def _commands(cmd=None, path=("attncache",)):
+    """(command path, click command) of every command of the app."""
+    cmd = cmd or typer.main.get_command(app)
+    for name, sub in sorted(getattr(cmd, "commands", {}).items()):
+        yield from _commands(sub, (*path, name)) if hasattr(sub, "commands") else [(" ".join((*path, name)), sub)]
+
+
+COMMANDS = dict(_commands())
+CONFIGURED = sorted(path for path, cmd in COMMANDS.items() if cmd.configs)
+
+
+@pytest.mark.parametrize("path", CONFIGURED)
+def test_every_option_default_is_its_config_fields(path):
+    """An option named after a field of the command's configs (nested ones included: `--mixup` is
+    `augment.mixup`, `--pretrained` is `teacher.pretrained`) defaults to that field's default: a default typed into
+    the CLI that differs from the library's fails here."""
+    cmd = COMMANDS[path]
+    cmd.fill_defaults()
+    defaults = cmd.field_defaults()
+    checked = [p for p in cmd.params if p.name in defaults and not p.required]  # required: no default to differ
+    differ = {p.name: (p.default, defaults[p.name]) for p in checked
+              if not (p.default == defaults[p.name] or str(p.default) == str(defaults[p.name]))}
+    assert differ == {}, f"`{path}`: CLI default vs config default: {differ}"
+    assert not [p.name for p in cmd.params if p.default is FROM_CONFIG]
+    assert len(checked) >= {"attncache extract": 31, "attncache train": 40}.get(path, 5), [p.name for p in checked]
+
+
+def test_config_defaults_reach_the_help():
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0
+    line = next(line for line in result.stdout.splitlines() if "--warmup-epochs" in line)
+    assert "[default: 1.0]" in line
+
+
+def test_the_command_tree_imports_no_config():
+    """The defaults are filled in when a command runs: building the CLI (and `attncache --help`) stays light."""
+    import subprocess
+    import sys
+
+    code = ("import sys, typer; from attncache_cli.main import app; typer.main.get_command(app); "
+            "print(sorted(m for m in ('torch', 'attncache.train.config', 'attncache.extract.config') "
+            "if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
+
+
+def test_a_recipe_presets_options_both_commands_take():
+    """`typed_only` drops the presets the user did not type, by their parameter source: each must be an option."""
+    from attncache.recipes import AUGMENTATION_OPTIONS, RECIPES
+
+    train_options = {p.name for p in COMMANDS["attncache train"].params}
+    extract_options = {p.name for p in COMMANDS["attncache extract"].params}
+    for recipe in RECIPES.values():
+        assert recipe.presets <= train_options and AUGMENTATION_OPTIONS <= extract_options
+        assert {"mode", "lr", "min_lr", "epochs", "mixup", "teacher_drop_path"} <= recipe.presets
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["train", "--mode", "copy", "--epochs", "0"], "--epochs 0: must be >= 1"),
+    (["train", "--mode", "copy", "--cache", "c", "--max-steps", "0"], "--max-steps 0: must be >= 1"),
+    (["train", "--mode", "copy", "--weights", "w.pth"], "--weights without --teacher: --mode copy takes the "
+                                                        "teacher's maps from --cache"),
+    (["train", "--mode", "gta", "--cache", "c", "--no-pretrained"], "--mode gta starts from the teacher's "
+                                                                    "weights: pass --weights (or turn --pretrained on"),
+    (["train", "--data", "demo"], "pass --mode (copy, distill, gta, scratch, finetune) or --recipe"),
+    (["train", "--recipe", "at-copi"], "--recipe 'at-copi': expected one of ['at-copy', 'at-distill']"),
+    (["extract", "--teacher", "demo", "--data", "demo", "--shard-records", "0"], "--shard-records 0: must be >= 1"),
+    (["extract", "--teacher", "demo", "--data", "demo", "--num-shards", "2", "--shard-index", "2"],
+     "--num-shards 2 --shard-index 2: expected"),
+    (["extract", "--teacher", "demo", "--data", "demo", "--split", "val", "--mixup", "0.8"],
+     "--split val draws timm's deterministic eval view"),
+    # views/policy.py
+    (["extract", "--teacher", "demo", "--data", "demo", "--erase-prob", "2"], "--erase-prob 2.0: expected 0..1"),
+    (["extract", "--teacher", "demo", "--data", "demo", "--randaugment", "autoaug"],
+     "--randaugment 'autoaug': expected a timm RandAugment string"),
+    (["extract", "--teacher", "demo", "--data", "demo", "--split", "val", "--views", "2"],
+     "--split val uses one deterministic view per image: drop --views"),
+    (["train", "--mode", "copy", "--mix-switch", "1.5"], "--mix-switch 1.5: expected 0..1"),
+    # sources
+    (["extract", "--teacher", "demo", "--data", "demo:x"], "--data demo:x: expected demo or demo:N"),
+    (["extract", "--teacher", "demo", "--data", "/nonexistent/s.tar"], "--data /nonexistent/s.tar: no such file"),
+    # eval.py (device.py, and a source opened for --val-data)
+    (["eval", "--checkpoint", "<run>", "--ema"], "<run>/ema.safetensors: no such weights (is the run finished?; "
+                                                 "a run trained without --ema has no ema.safetensors)"),
+    (["eval", "--checkpoint", "<run>", "--device", "cuda:99"], "--device cuda:99: "),
+    (["eval", "--checkpoint", "<run>", "--val-data", "/nonexistent"],
+     "--val-data /nonexistent: no such file or directory"),
+    # tools/viz.py (and teacher/capture.py's layer lists, as heads)
+    (["viz", "--image", "x.png"], "--image needs --teacher (and --weights, or hub weights)"),
+    (["viz", "--cache", "<cache>", "--heads", "0-9"], "--heads '0-9': head indices must lie in 0..3"),
+    (["viz", "--cache", "<cache>", "--layers", "1"], "--cache <cache>: holds layers [0], not [1]"),
+    (["viz", "--cache", "<cache>", "--query", "9,9"], "--query '9,9': the patch grid is 4x4"),
+])
+def test_library_errors_are_printed_with_the_commands_flags(request, tmp_path, args, line):
+    places = {"<cache>": lambda: request.getfixturevalue("cli_cache")[0],  # made only for the cases that use it
+              "<run>": lambda: request.getfixturevalue("cli_run")}
+    for place, made in places.items():
+        if place in args:
+            path = str(made())
+            args, line = [path if a == place else a for a in args], line.replace(place, path)
+    takes_out = "out" in {p.name for p in COMMANDS[f"attncache {args[0]}"].params}
+    result = runner.invoke(app, [*args, *(["--out", str(tmp_path / "out")] if takes_out else [])])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert result.stderr.startswith(f"error: {line}"), result.stderr
+    assert "`" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_library_errors_name_config_fields():
+    """The same checks from Python: the message names the fields (in backticks), never a flag."""
+    from attncache.errors import ConfigError
+    from attncache.extract.config import ExtractConfig
+    from attncache.extract.config import check_options as check_extract
+    from attncache.recipes import train_config
+    from attncache.teacher import TeacherOptions
+    from attncache.train.config import check_options as check_train
+
+    def error(check, cfg) -> ConfigError:
+        with pytest.raises(ConfigError) as info:
+            check(cfg)
+        assert "--" not in str(info.value)
+        return info.value
+
+    assert str(error(check_train, train_config(mode="copy", out="x", epochs=0))) == "`epochs` 0: must be >= 1"
+    weights = error(check_train, train_config(mode="copy", out="x", teacher=TeacherOptions(weights="w.pth")))
+    assert weights.options == ["teacher.weights", "teacher.name", "mode", "cache"]
+    shards = error(check_extract, ExtractConfig(TeacherOptions("demo"), "demo", "x", records_per_shard=0))
+    assert str(shards) == "`records_per_shard` 0: must be >= 1"
+    with pytest.raises(ConfigError, match=r"^pass `mode` \(copy, distill, gta, scratch, finetune\) or `recipe`$"):
+        train_config(out="x")
+
+
+def test_every_option_a_library_error_names_is_a_flag():
+    """Each option named in a library error's text (`name` in backticks) is an option of some command, so the CLI
+    never prints a Python name: found in the source, in the literal parts of every `raise`."""
+    import ast
+    from pathlib import Path
+
+    import attncache
+    from attncache.errors import AttncacheError
+
+    named = {}
+    for path in sorted(Path(attncache.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                for part in ast.walk(node.exc):
+                    if isinstance(part, ast.Constant) and isinstance(part.value, str):
+                        for option in AttncacheError.OPTION.findall(part.value):
+                            named.setdefault(option, path.name)
+    assert {"drop_path", "records_per_shard", "teacher.weights", "teacher.name", "out", "recipe"} <= set(named)
+    unspelled = {o: f for o, f in named.items() if not any(cmd.flag(o) for cmd in COMMANDS.values())}
+    assert unspelled == {}
+
+
+def test_command_spells_options_as_its_flags():
+    train, extract, merge = (COMMANDS[f"attncache {c}"] for c in ("train", "extract", "merge"))
+    spelled = {o: train.flag(o) for o in ("batch_size", "teacher.weights", "teacher.name", "teacher.pretrained",
+                                          "augment.mixup", "val_cache", "progress")}
+    assert spelled == {"batch_size": "--batch-size", "teacher.weights": "--weights", "teacher.name": "--teacher",
+                       "teacher.pretrained": "--pretrained", "augment.mixup": "--mixup", "val_cache": "--val-cache",
+                       "progress": None}
+    assert (extract.flag("records_per_shard"), extract.flag("ignore_free_space")) == ("--shard-records",
+                                                                                     "--ignore-free-space")
+    assert merge.flag("cache") == "CACHE"  # an argument: its metavar
+
+
+def test_world_env_reads_torchrun_variables_without_joining(monkeypatch):
+    """The CLI's "rank 0 speaks for the job" asks `World.env()`, which never joins a process group."""
+    import torch.distributed as dist
+
+    from attncache.distributed import World
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert World.env() == World(2, 4, 1) and not World.env().is_main and not dist.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert World.env() == World() and World.env().is_main

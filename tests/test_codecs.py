@@ -222,8 +222,8 @@ def test_qk_cache_trains_like_the_exact_cache(codec_caches, folder_fp32_zarr, im
 
 def test_incompatible_codec_and_payload_refused(tiny_teacher, image_folder, tmp_path):
     cases = [
-        (dict(codec="qk", payload="probs"), "--codec qk encodes payload qk, not --payload probs"),
-        (dict(codec="sqrtq", payload="qk"), "not --payload qk"),
+        (dict(codec="qk", payload="probs"), "`codec` qk encodes payload qk, not `payload` probs"),
+        (dict(codec="sqrtq", payload="qk"), "not `payload` qk"),
         (dict(codec="lowrank", codec_params={"rank": 17}), "rank 17 exceeds"),
         (dict(codec="sqrtq", codec_params={"bits": 9}), "bits must lie in 2..8"),
         (dict(codec="qk", codec_params={"bits": 12}), "bits must be 16"),
@@ -488,7 +488,7 @@ def test_inputs_klt_caches_with_twos_complement_codes_still_read(tmp_path):
 def test_inputs_klt_resume_reuses_the_recorded_basis(inputs_teachers, image_folder, tmp_path, monkeypatch):
     """Killed after its first shard, the re-run codes the rest in the basis it recorded (never a refit, which on
     another device could differ): every file equals an uninterrupted extraction's."""
-    import attncache.extract as extract_module
+    import attncache.codecs.inputs_klt as klt
 
     teacher = inputs_teachers["plain"]
     config = dict(views=2, codec="inputs_klt", codec_params={"step": 0.01, "fit": 4}, records_per_shard=5)
@@ -509,7 +509,7 @@ def test_inputs_klt_resume_reuses_the_recorded_basis(inputs_teachers, image_fold
     def no_refit(*args):
         raise AssertionError("the basis was fitted again")
 
-    monkeypatch.setattr(extract_module, "fit_basis", no_refit)
+    monkeypatch.setattr(klt, "fit_basis", no_refit)
     extract(teacher.config(image_folder, out, **config))
     files = sorted(p.relative_to(whole) for p in whole.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())

@@ -13,9 +13,8 @@ from conftest import make_image_folder
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
-from attncache.codecs import get_codec
+from attncache.codecs import SideFileInputs, get_codec
 from attncache.extract import extract
-from attncache.teacher.projections import from_model
 from attncache.tools import costs
 
 # A second image set for the same teacher: other sizes, so other pixels (make_image_folder seeds by position)
@@ -75,6 +74,21 @@ def test_compressed_bytes_predict_another_cache(cache_pairs, tiny_teacher, codec
         assert row["side_file_bytes"] == 0 and "teacher_qk.safetensors" not in files
 
 
+def test_side_file_bytes_are_each_files_bytes_up_to_its_header():
+    """The plan counts a codec's side files by each one's own estimate (`SideFile.nbytes`): on a committed
+    `inputs_klt` cache, both files are their estimates plus a safetensors header of under 1 KiB."""
+    from pathlib import Path
+
+    from attncache.store.format import capture_shape
+
+    manifest = json.loads((Path(__file__).parent / "data" / "inputs_klt_int32" / "zarr" / "manifest.json").read_text())
+    codec, shape = get_codec(manifest["codec"]["name"], **manifest["codec"]["params"]), capture_shape(manifest)
+    sizes = {side.name: manifest["files"][side.name]["bytes"] for side in codec.side_files}
+    assert sorted(sizes) == ["inputs_basis.safetensors", "teacher_qk.safetensors"]
+    assert all(0 < sizes[side.name] - side.nbytes(shape) < 1024 for side in codec.side_files)
+    assert 0 < sum(sizes.values()) - costs.side_file_bytes(codec, shape) < 2048
+
+
 @pytest.mark.parametrize("name, args, image_size", [
     ("vit_tiny_patch16_224", dict(patch_size=8, depth=3, embed_dim=96, num_heads=3), 64),  # 65 tokens
     ("vit_small_patch14_reg4_dinov2", dict(depth=2, embed_dim=64, num_heads=2), 56),  # CLS + 4 registers
@@ -100,8 +114,9 @@ def test_decode_flops_match_a_flop_counter(tiny_teacher, spec):
     geometry = costs.timm_geometry(tiny_teacher.name, tiny_teacher.image_size, tiny_teacher.args)
     shape = geometry.capture_shape(len(layers))
     codec = costs.parse_codec(spec)
-    if codec.needs_projections:
-        codec.bind(from_model(model, layers))
+    if codec.side_files:
+        teacher = SideFileInputs(model, layers, lambda count: pytest.fail("none of these codecs is fitted"))
+        codec.bind({side.name: side.build(codec, teacher) for side in codec.side_files}, shape)
         codec.decode({k: torch.zeros((1, *f.shape), dtype=getattr(torch, f.dtype))
                       for k, f in codec.fields(shape).items()})  # folds the rotation into the projections, once
     fields = {k: torch.zeros((4, *f.shape), dtype=getattr(torch, f.dtype)) for k, f in codec.fields(shape).items()}
@@ -169,7 +184,7 @@ def test_cli_ratio_from_a_cache_and_explicit_geometry(cache_pairs, tiny_teacher)
 
 
 def test_unmeasured_codec_asks_for_a_ratio():
-    with pytest.raises(costs.AttncacheError, match="--ratio"):
+    with pytest.raises(costs.AttncacheError, match="`ratio`"):
         costs.plan(costs.PlanInputs(costs.timm_geometry("mae_vitb"), codecs=("sqrtq:bits=7",)))
     row = costs.plan(costs.PlanInputs(costs.timm_geometry("mae_vitb"), codecs=("sqrtq:bits=7",),
                                       bits_per_element=4))["codecs"][0]

@@ -86,7 +86,7 @@ def test_independent_jobs_then_merge(tmp_path, single, tiny_teacher, image_folde
     assert manifest is not None and (out / "manifest.json").exists()
     _same_cache(single, out)
     assert merge(out) == manifest
-    with pytest.raises(AttncacheError, match="--shard-index 3"):
+    with pytest.raises(AttncacheError, match="`shard_index` 3"):
         extract(tiny_teacher.config(image_folder, tmp_path / "x", num_shards=3, shard_index=3))
 
 

@@ -351,16 +351,16 @@ def _tree(root: Path) -> dict:
         (dict(teacher=TeacherOptions("resnet18", pretrained=False)), "not a timm VisionTransformer"),
         (dict(teacher=TeacherOptions("vit_tiny_patch16_224", pretrained=False, image_size=30,
                                      args=dict(patch_size=8, depth=2, embed_dim=64, num_heads=4))), "30"),
-        (dict(layers="0,7"), "--layers '0,7'"),
-        (dict(layers="first"), "--layers 'first'"),
+        (dict(layers="0,7"), "`layers` '0,7'"),
+        (dict(layers="first"), "`layers` 'first'"),
         (dict(codec="jpeg"), "unknown codec 'jpeg'"),
         (dict(codec_params={"shuffle": "sideways"}), "codec 'fp16'"),
         (dict(codec_params={"level": 3}), "codec 'fp16'"),
-        (dict(embed_images=True), "--embed-images"),
-        (dict(payload="scores"), "--payload 'scores'"),
-        (dict(format="parquet"), "--format 'parquet'"),
-        (dict(views=0), "--views 0"),
-        (dict(split="val", views=2), "--split val"),
+        (dict(embed_images=True), "`embed_images`"),
+        (dict(payload="scores"), "`payload` 'scores'"),
+        (dict(format="parquet"), "`format` 'parquet'"),
+        (dict(views=0), "`views` 0"),
+        (dict(split="val", views=2), "`split` val"),
         (dict(teacher=TeacherOptions("vit_tiny_patch16_224", pretrained=False, image_size=32, args={
             "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 4, "bogus_kw": 1})), "bogus_kw"),
     ],
@@ -375,7 +375,7 @@ def test_bad_options_fail_before_anything_is_written(tmp_path, tiny_teacher, ima
 
 def test_missing_data_path(tmp_path, tiny_teacher, teacher_never_runs):
     missing = tmp_path / "no_such_images"
-    with pytest.raises(AttncacheError, match=f"--data {missing}"):
+    with pytest.raises(AttncacheError, match=f"`data` {missing}"):
         extract(tiny_teacher.config(missing, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
@@ -404,7 +404,7 @@ def test_out_holding_a_different_cache_is_refused(tmp_path, tiny_teacher, other_
         (tiny_teacher.config("demo:1", out, layers="0", format="wds"), "store"),
     ]
     for cfg, match in cases:
-        expected = rf"--out {out}: holds a different cache \([a-z, ]*{match}[a-z, ]* differ"
+        expected = rf"`out` {out}: holds a different cache \([a-z, ]*{match}[a-z, ]* differ"
         with pytest.raises(AttncacheError, match=expected):
             extract(cfg)
     assert _tree(out) == before
@@ -414,7 +414,7 @@ def test_out_not_empty_and_not_a_cache(tmp_path, tiny_teacher, teacher_never_run
     out = tmp_path / "homework"
     out.mkdir()
     (out / "thesis.tex").write_text("precious")
-    with pytest.raises(AttncacheError, match=f"--out {out}: not empty and holds no attncache cache"):
+    with pytest.raises(AttncacheError, match=f"`out` {out}: not empty and holds no attncache cache"):
         extract(tiny_teacher.config("demo:1", out))
     assert _tree(out) == {"thesis.tex": b"precious"}
 

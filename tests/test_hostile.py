@@ -374,5 +374,5 @@ def test_attacks_through_the_cli_are_one_line_errors(zarr_copy):
 
 
 def test_unsafe_options_never_reach_an_error_as_a_traceback():
-    with pytest.raises(AttncacheError, match="--storage-option"):
+    with pytest.raises(AttncacheError, match="`storage_option`"):
         open_cache("/nonexistent", {"retries": "many"})

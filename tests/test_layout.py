@@ -112,3 +112,14 @@ def test_the_cli_is_argument_parsing_only():
         imported = {t for t, _ in _imports(name, MODULES[name], module_level_only=True)
                     if t.split(".")[0] in PACKAGES}
         assert imported <= allowed, imported - allowed
+
+
+def test_every_package_is_installed():
+    """pyproject.toml lists its packages by name: a new subpackage missing from the list is absent from the wheel
+    (an editable install hides it)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(("attncache", *p.parent.relative_to(ROOT / "attncache").parts))
+             for p in (ROOT / "attncache").rglob("__init__.py")} | {"attncache_cli"}
+    assert found == listed

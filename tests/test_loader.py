@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from attncache import open_cache
+from attncache.errors import AttncacheError
 from attncache.sources import open_source
 from attncache.train.loader import RenderSpec, ViewStream, batches, make_loader
 
@@ -103,3 +104,39 @@ def test_batches_carry_the_cached_fields_in_batch_order(folder_fp32_zarr, image_
     unsorted = next(b.tolist() for e in range(10) for b in s.plan(e) if b.tolist() != sorted(b.tolist()))
     fields = s.load(0, unsorted)["fields"]  # read in storage order, handed back in batch order
     torch.testing.assert_close(cache.codec.decode(fields), cache.read_rows(unsorted), rtol=0, atol=0)
+
+
+def test_cached_keys_are_checked_against_the_source_as_hash_arrays(tmp_path, folder_fp16_zarr, monkeypatch):
+    """Issue 22: before the first step, every cached key was looked up in the source one at a time (~10 s for
+    ImageNet's 1.28M keys in every training process). The cache's key index and the source's sorted key hashes
+    are compared as arrays: no per-key lookup runs (made to fail here), and a missing image is still named, the
+    first in sample order."""
+    from conftest import make_image_folder
+
+    from attncache.sources import FolderSource, Source
+    from attncache.train.loader import check_images
+
+    def no_lookups(self, *args):
+        raise AssertionError("a per-key lookup ran")
+
+    cache = open_cache(str(folder_fp16_zarr))
+    whole = make_image_folder(tmp_path / "whole")
+    monkeypatch.setattr(Source, "missing_keys", no_lookups)
+    monkeypatch.setattr(Source, "_key_index", no_lookups)
+    check_images(cache, FolderSource(whole), "cache", "data")  # every key there: passes
+    broken = make_image_folder(tmp_path / "broken")
+    for name in ("cat/c1.png", "bee/b1.png"):
+        (broken / name).unlink()
+    with pytest.raises(AttncacheError, match=r"`data` .*: 2 cached image\(s\) not found, e.g. 'bee/b1.png'"):
+        check_images(cache, FolderSource(broken), "cache", "data")
+
+
+def test_workers_take_the_epoch_plan_the_training_process_drew(folder_fp16_zarr, image_folder, monkeypatch):
+    """Issue 22: every loader worker drew the whole epoch's order itself (O(records) work and memory per worker: an
+    ImageNet epoch is 1.28M rows, 8 workers per rank). The training process draws it once, in set_position,
+    into memory the workers share: an order patched into the training process only is what the workers deal."""
+    s = stream(folder_fp16_zarr, image_folder, batch_size=1)
+    reversed_order = lambda self, epoch: self.epoch_items(epoch)[::-1]  # noqa: E731
+    monkeypatch.setattr(ViewStream, "order", reversed_order)  # the workers (forkserver) run the real one
+    got = _through_loader(s, 2, 1)
+    assert got == [(i, [11 - i]) for i in range(6)]

@@ -38,3 +38,32 @@ def test_scale_bench_small(tmp_path):
     table = subprocess.run([sys.executable, str(SCRIPT), "--table", str(work / "results.jsonl")],
                            capture_output=True, text=True, timeout=60)
     assert table.returncode == 0 and table.stdout.count("| test | 200 |") == 1
+
+
+@pytest.mark.long
+def test_synthetic_maps_build_a_real_cache_of_real_views(tmp_path):
+    """`--maps synthetic` (the 5.12M row): everything but the maps is what extraction writes. The cache passes a
+    full `verify`, its images check against the real source, and each record's view is the one the cache's own
+    policy draws for that record (the views of the first images are drawn, not made up)."""
+    from attncache import open_cache
+    from attncache.extract import DrawnViews
+    from attncache.sources import open_source
+    from attncache.teacher import TeacherSpec
+    from attncache.tools.verify import verify_cache
+    from attncache.train.loader import check_images
+
+    work = tmp_path / "work"
+    cmd = [sys.executable, str(SCRIPT), "--records", "400", "--work", str(work), "--maps", "synthetic",
+           "--records-per-shard", "16", "--images-per-tar", "40", "--build-only"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (cache_dir,) = (work / "n400").glob("cache-zarr-*-synthetic16")
+    cache = open_cache(str(cache_dir))
+    assert len(cache) == 400 and len(cache.manifest["store"]["shards"]) == 25
+    assert verify_cache(str(cache_dir))["records"] == 400  # raises on any bad file, chunk or record
+    source = open_source(str(work / "n400" / "source-wds" / "shard-{00000..00002}.tar"))
+    check_images(cache, source, "cache", "data")
+    samples = [cache.sample_at(i) for i in range(cache.num_samples)]
+    drawn = DrawnViews(cache.policy, samples, TeacherSpec.from_json(cache.manifest["teacher"]))
+    assert all(cache.view(r) == drawn[r] for r in range(len(cache)))
+    assert any(cache.view(r).mix is not None for r in range(len(cache)))  # the recipe's mixed views are there

@@ -14,7 +14,9 @@ import torch
 from servers import Faults, S3Server, fault_proxy, static_server
 
 from attncache import AttncacheError, CacheFormatError, open_cache
+from attncache.cache import CacheFiles
 from attncache.extract import extract
+from attncache.store.format import named_files
 from attncache.store.fs import CacheFS
 from attncache.tools.copy import copy_cache
 from attncache.tools.verify import verify_cache
@@ -102,6 +104,38 @@ def test_a_server_without_range_requests_is_named(tmp_path, request, fmt):
         verify_cache(str(tmp_path / "copied"))
     finally:
         server.close()
+
+
+def test_copy_and_verify_work_from_the_manifest_alone(tmp_path, monkeypatch):
+    """Copy and verify move and hash the files a manifest names, side files like any other, and build no codec:
+    with none registered (as for a codec this attncache does not know) reading the cache is refused, while copy
+    and verify work and still name a damaged side file. tests/data/inputs_klt_int32 carries both side files."""
+    from attncache.codecs import base
+
+    src = Path(shutil.copytree(Path(__file__).parent / "data" / "inputs_klt_int32" / "zarr", tmp_path / "src"))
+    side_files = ("teacher_qk.safetensors", "inputs_basis.safetensors")
+    assert set(side_files) <= set(json.loads((src / "manifest.json").read_text())["files"])
+    for name in list(base.CODECS):
+        monkeypatch.delitem(base.CODECS, name)
+    with pytest.raises(CacheFormatError, match="unknown codec 'inputs_klt'"):
+        open_cache(str(src))  # reading the records needs the codec
+    with pytest.raises(CacheFormatError, match="unknown codec 'inputs_klt'"):
+        verify_cache(str(src))  # and so does the full check's decoding, which comes after every file is hashed
+    files = verify_cache(str(src), decode=False)["files"]
+    assert verify_cache(str(src), quick=True)["files"] == files
+    result = copy_cache(str(src), str(tmp_path / "dst"))
+    assert result["copied"] == files and result["files"] == files + 1  # and the manifest
+    assert all((tmp_path / "dst" / name).read_bytes() == (src / name).read_bytes() for name in side_files)
+
+    damaged = bytearray((src / "inputs_basis.safetensors").read_bytes())
+    damaged[-7] ^= 0x01
+    (src / "inputs_basis.safetensors").write_bytes(bytes(damaged))
+    with pytest.raises(CacheFormatError, match="inputs_basis.safetensors: size/sha256 mismatch"):
+        verify_cache(str(src), decode=False)
+    with pytest.raises(CacheFormatError, match="inputs_basis.safetensors: does not match the size and sha256"):
+        copy_cache(str(src), str(tmp_path / "dst2"))
+    monkeypatch.undo()
+    assert verify_cache(str(tmp_path / "dst"))["files"] == files  # the copy is the cache: it decodes
 
 
 def test_a_refused_connection_is_named_as_such():
@@ -264,6 +298,45 @@ def test_extract_to_s3_resumes_and_trains_like_the_local_cache(tmp_path, s3, tin
                                                    _weights(tmp_path / "run_s3").values(), strict=True))
 
 
+def test_extract_to_s3_publishes_the_plan_first_each_shard_before_its_marker_and_the_manifest_last(
+        tmp_path, s3, monkeypatch, tiny_teacher, image_folder):
+    import attncache.extract as extract_module
+    from attncache.errors import DiskFullError
+
+    url, stage = f"s3://{s3.bucket}/caches/order", tmp_path / "stage"
+    cfg = tiny_teacher.config(image_folder, url, views=2, records_per_shard=3, storage_options=s3_options(s3),
+                              stage=str(stage))
+    monkeypatch.setattr(extract_module, "free_bytes", lambda path: 1000)  # the staging directory is what fills
+    with pytest.raises(DiskFullError, match=f"^{stage}: the cache needs about"):
+        extract(cfg)
+    assert not CacheFSFor(url, s3).exists(".progress/plan.json")  # refused before the claim: nothing published
+    monkeypatch.undo()
+    puts = []
+    put = CacheFS.put
+    monkeypatch.setattr(CacheFS, "put", lambda self, rel, local: (puts.append(rel), put(self, rel, local))[1])
+    manifest = extract(cfg)
+    assert puts[0] == ".progress/plan.json" and puts[-1] == "manifest.json" and puts.count("manifest.json") == 1
+    for index, shard in enumerate(manifest["store"]["shards"]):
+        marker = puts.index(f".progress/shard-{index:06d}.json")
+        assert all(puts.index(f["path"]) < marker for f in shard["files"])  # a marker means its files are there
+    assert set(puts) >= {f["path"] for f in named_files(manifest)}
+    remote = CacheFSFor(url, s3)
+    assert remote.exists("manifest.json") and not remote.exists(".progress/plan.json")
+
+
+def test_a_remote_out_takes_one_extraction_process(tmp_path, monkeypatch, tiny_teacher, image_folder):
+    from dataclasses import replace
+
+    stage = tmp_path / "stage"
+    cfg = tiny_teacher.config(image_folder, "s3://never-contacted/caches/a", stage=str(stage))
+    with pytest.raises(AttncacheError, match="a remote `out` takes one extraction process"):
+        extract(replace(cfg, num_shards=2))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun
+    with pytest.raises(AttncacheError, match="a remote `out` takes one extraction process"):
+        extract(cfg)
+    assert not stage.exists()
+
+
 def CacheFSFor(url, s3):  # noqa: N802 - reads like a type
     from attncache.store.fs import CacheFS
 
@@ -304,11 +377,11 @@ def test_copy_writes_the_manifest_it_pinned_even_if_the_source_changes_meanwhile
     pinned = hashlib.sha256((src / "manifest.json").read_bytes()).hexdigest()
 
     def open_then_republish(*args, **kwargs):
-        cache = open_cache(*args, **kwargs)
+        files = CacheFiles(*args, **kwargs)
         (src / "manifest.json").write_bytes((src / "manifest.json").read_bytes() + b"\n")
-        return cache
+        return files
 
-    monkeypatch.setattr(copy_module, "open_cache", open_then_republish)
+    monkeypatch.setattr(copy_module, "CacheFiles", open_then_republish)
     copy_cache(str(src), str(tmp_path / "dst"), manifest_sha256=pinned)
     assert hashlib.sha256((tmp_path / "dst" / "manifest.json").read_bytes()).hexdigest() == pinned
     verify_cache(str(tmp_path / "dst"))

@@ -257,3 +257,55 @@ def test_zarr_shards_are_the_bytes_zarr_itself_writes(monkeypatch, tmp_path, fol
         assert (ours / f).read_bytes() == (theirs / f).read_bytes(), f
         if "/c/" in f:  # and the cache's own shards, written by the extraction, are these bytes too
             assert (ours / f).read_bytes() == (folder_fp16_zarr / f).read_bytes(), f
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "wds"])
+def test_an_open_cache_keeps_its_shard_list_as_arrays(tmp_path, tiny_teacher, image_folder, fmt):
+    """Issue 22: every process that opened a cache (the trainer and each loader worker) held the parsed JSON of
+    every shard entry, and each worker parsed the manifest again from its bytes: ~40 MB and 0.3 s per process for
+    the 20,000 shards of an ImageNet cache (measured: a tree of 8 workers grew by 650 MB from 50k to 5.12M
+    records). An open cache keeps sizes and sha256 as arrays; a worker gets that compact form, which must grow by
+    under 64 bytes per shard where the manifest grows by hundreds; and it reads and names files exactly as before."""
+    import pickle
+
+    from attncache.extract import extract
+
+    def cache_of(per_shard: int):
+        out = tmp_path / f"{fmt}-{per_shard}"
+        extract(tiny_teacher.config(image_folder, out, views=8, codec="fp16", records_per_shard=per_shard,
+                                    format=fmt, embed_images=fmt == "wds"))
+        return open_cache(str(out))
+
+    few, many = cache_of(8), cache_of(1)  # 6 and 48 shards of the same 48 records
+    added = len(many.manifest["store"]["shards"]) - len(few.manifest["store"]["shards"])
+    assert added == 42
+    json_per_shard = (len(many.manifest_bytes) - len(few.manifest_bytes)) / added
+    pickled_per_shard = (len(pickle.dumps(many)) - len(pickle.dumps(few))) / added
+    assert json_per_shard > 200 and pickled_per_shard < 64, (json_per_shard, pickled_per_shard)
+
+    manifest = json.loads(many.manifest_bytes)
+    worker = pickle.loads(pickle.dumps(many))
+    assert worker.manifest["store"]["shards"] == manifest["store"]["shards"]  # entry by entry, as spelled
+    for entry in [f for s in manifest["store"]["shards"] for f in s["files"]] + manifest["store"]["metadata_files"]:
+        assert worker.fs.known[entry["path"]] == entry
+    assert "maps/c/48/0/0/0/0" not in worker.fs.known and "shards/shard-000048.tar" not in worker.fs.known
+    rows = list(range(48))[::-1]
+    assert torch.equal(worker.read_rows(rows), few.read_rows(rows))
+
+
+def test_a_reader_keeps_a_bounded_number_of_shard_indexes(tmp_path, tiny_teacher, image_folder, monkeypatch):
+    """A reader kept the index of every shard it had read: over an epoch of random reads a loader worker held the
+    index of the whole cache (for a webdataset store a dict per record: ~1.5 GB at 5.12M records). It keeps the
+    last SHARD_INDEXES_KEPT, and reads the same bytes whatever the bound."""
+    from attncache.extract import extract
+    from attncache.store import base
+
+    out = tmp_path / "wds"
+    extract(tiny_teacher.config(image_folder, out, views=4, codec="fp16", records_per_shard=2, format="wds",
+                                embed_images=True))
+    rows = np.random.default_rng(0).permutation(24).tolist()
+    expected = open_cache(str(out)).read_rows(rows)
+    monkeypatch.setattr(base, "SHARD_INDEXES_KEPT", 3)
+    cache = open_cache(str(out))
+    got = torch.stack([cache.read_rows([r])[0] for r in rows])
+    assert torch.equal(got, expected) and len(cache.reader._shard_indexes) == 3

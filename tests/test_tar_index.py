@@ -74,7 +74,7 @@ def test_a_damaged_header_is_one_line_naming_the_shard(tmp_path):
     open(path, "wb").write(bytes(data))
     with pytest.raises(Damaged, match="bad header checksum at byte 1536"):
         _walked(path)
-    with pytest.raises(AttncacheError, match=r"^--data .*s\.tar: cannot read webdataset shard \(bad header checksum"):
+    with pytest.raises(AttncacheError, match=r"^`data` .*s\.tar: cannot read webdataset shard \(bad header checksum"):
         WebDatasetSource(path).entries()
 
 

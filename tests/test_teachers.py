@@ -81,7 +81,7 @@ def test_pickle_with_an_arbitrary_object_is_refused_without_running_it(tmp_path,
     state = dict(load_file(str(tiny_teacher.weights)))
     path = tmp_path / "evil.pth"
     torch.save({"model": state, "extra": Payload()}, path)
-    with pytest.raises(AttncacheError, match=f"--weights {path}: cannot read weights"):
+    with pytest.raises(AttncacheError, match=f"`teacher.weights` {path}: cannot read weights"):
         _build(tiny_teacher, path)
     assert not marker.exists()
     with open(path, "wb") as f:  # a raw pickle (protocol 2, as torch uses), not even a torch archive
@@ -109,7 +109,7 @@ def test_weights_that_are_not_a_state_dict(tmp_path, tiny_teacher, content, matc
 def test_weights_file_garbage_or_missing(tmp_path, tiny_teacher):
     bad = tmp_path / "w.safetensors"
     bad.write_bytes(b"\x00" * 100)
-    with pytest.raises(AttncacheError, match=f"--weights {bad}: cannot read weights"):
+    with pytest.raises(AttncacheError, match=f"`teacher.weights` {bad}: cannot read weights"):
         _build(tiny_teacher, bad)
     with pytest.raises(AttncacheError, match="no such file"):
         _build(tiny_teacher, tmp_path / "nope.safetensors")
@@ -131,7 +131,7 @@ def test_weights_of_another_architecture_are_refused(tmp_path, tiny_teacher, reg
         other, _ = TeacherOptions(TINY_VIT["name"], image_size=32, pretrained=False, args=other_args).build()
     path = tmp_path / "other.safetensors"
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
-    with pytest.raises(AttncacheError, match=f"--weights {path}: does not"):
+    with pytest.raises(AttncacheError, match=f"`teacher.weights` {path}: does not"):
         _build(tiny_teacher, path)
 
 
@@ -197,7 +197,8 @@ def test_unreachable_hub_fails_in_seconds_with_one_line(monkeypatch):
     monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")  # nothing cached either
     start = time.perf_counter()
     with pytest.raises(AttncacheError, match=r"cannot reach 127.0.0.1 to download the weights of "
-                                             r"'vit_tiny_patch16_224.augreg_in21k' \(offline\?\): pass --weights"):
+                                             r"'vit_tiny_patch16_224.augreg_in21k' \(offline\?\): "
+                                             r"pass `teacher.weights`"):
         TeacherOptions("vit_tiny_patch16_224.augreg_in21k", pretrained=True).build()
     assert time.perf_counter() - start < 10
 
@@ -213,6 +214,6 @@ def test_junk_weights_get_a_message_that_says_what_is_wrong(tmp_path, tiny_teach
     """Regression: junk weights gave `cannot read weights (174812789)`."""
     path = tmp_path / "w.pth"
     path.write_bytes(content)
-    with pytest.raises(AttncacheError, match=f"--weights {path}: cannot read weights: {match}") as info:
+    with pytest.raises(AttncacheError, match=f"`teacher.weights` {path}: cannot read weights: {match}") as info:
         _build(tiny_teacher, path)
     assert "\n" not in str(info.value) and len(str(info.value)) < 300

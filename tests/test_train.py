@@ -230,22 +230,22 @@ def test_bad_inputs(tmp_path, tiny_teacher, reg_teacher, image_folder, folder_fp
     fails("have different teacher geometry", teacher=reg_teacher.options())
     one_layer = tmp_path / "layer1"
     extract(tiny_teacher.config(image_folder, one_layer, layers="1", codec="fp32"))
-    fails(r"holds layers \[1\], --mode copy needs \[0\]", cache=one_layer)
+    fails(r"holds layers \[1\], `mode` copy needs \[0\]", cache=one_layer)
     fails(r"layer indices must lie in 0..1", mode="distill", layers="0-2")
     fails("copy mode evaluates with the teacher.s maps", val_cache=None)
     fails("regularises attention logits", mode="gta", teacher=TeacherOptions(weights=str(tiny_teacher.weights)))
     fails("other augmentation: mixup 0.0 \\(asked: 0.8\\)", augment=Augmentation(mixup=0.8))
-    fails("--layer-decay 1.5", layer_decay=1.5)
-    fails("needs teacher maps: pass --cache", cache=None)
+    fails("`layer_decay` 1.5", layer_decay=1.5)
+    fails("needs teacher maps: pass `cache`", cache=None)
     fails("num_heads 2 vs 4", student=tiny_teacher.name, student_args={**tiny_teacher.args, "num_heads": 2})
-    fails("does not embed images: pass --data", data=None)
+    fails("does not embed images: pass `data`", data=None)
     # an image missing for a cached key, and an image that changed since extraction
     broken = make_image_folder(tmp_path / "broken")
     (broken / "bee" / "b1.png").unlink()
     fails(r"cached image\(s\) not found, e.g. 'bee/b1.png'", data=broken)
     changed = make_image_folder(tmp_path / "changed")
     (changed / "cat" / "c1.png").write_bytes((changed / "cat" / "c0.jpg").read_bytes())
-    fails(r"changed/cat/c1.png: differs from the image --cache .* \(sha256 mismatch\): wrong --data\?", data=changed)
+    fails(r"changed/cat/c1.png: differs from the image `cache` .* \(sha256 mismatch\): wrong `data`\?", data=changed)
 
 
 def test_cache_keys_cannot_escape_the_data_folder(image_folder):
@@ -273,7 +273,7 @@ def test_gta_from_a_cls_rows_cache(tmp_path, tiny_teacher, image_folder, logits_
     assert a["steps"] == b["steps"]
     assert max(abs(x - y) for x, y in zip(losses(tmp_path / "gta_cls"), losses(tmp_path / "gta_full"),
                                          strict=True)) < 1e-3  # fp16 rows vs fp32 maps
-    with pytest.raises(AttncacheError, match="keeps only \\[CLS\\]-query rows; --mode copy needs whole maps"):
+    with pytest.raises(AttncacheError, match="keeps only \\[CLS\\]-query rows; `mode` copy needs whole maps"):
         train(config(tmp_path, "copy_cls", "copy", cls_cache, image_folder, val_cache=str(cls_cache),
                      val_data=str(image_folder)))
 
@@ -293,7 +293,7 @@ def test_a_failed_run_never_blocks_the_corrected_command(tmp_path, image_folder,
     wrong = make_image_folder(tmp_path / "wrong")
     (wrong / "cat" / "c1.png").write_bytes((wrong / "cat" / "c0.jpg").read_bytes())
     kw = dict(val_cache=str(val_fp32), val_data=str(image_folder))
-    with pytest.raises(AttncacheError, match=r"wrong/cat/c1.png: differs from the image --cache"):
+    with pytest.raises(AttncacheError, match=r"wrong/cat/c1.png: differs from the image `cache`"):
         train(config(tmp_path, "run", "copy", folder_fp32_zarr, wrong, **kw))
     assert not (tmp_path / "run").exists()  # (a): nothing claimed
 
@@ -312,7 +312,8 @@ def test_finetune_without_weights_fails_at_once(tmp_path, tiny_teacher, image_fo
     import time
 
     start = time.perf_counter()
-    with pytest.raises(AttncacheError, match="--mode finetune starts from the teacher's weights: pass --weights"):
+    with pytest.raises(AttncacheError, match=r"`mode` finetune starts from the teacher's weights: pass "
+                                             r"`teacher\.weights`"):
         train(config(tmp_path, "ft", "finetune", folder_fp32_zarr, image_folder,
                      teacher=TeacherOptions(pretrained=False)))
     assert time.perf_counter() - start < 2 and not (tmp_path / "ft").exists()

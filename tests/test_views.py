@@ -71,7 +71,7 @@ def test_val_split_is_one_view_independent_of_the_key():
     (v,) = views
     # timm: shorter side to floor(32 / 0.875) = 36, longer side int(36 * 80 / 60) = 48, centre 32 x 32 crop
     assert v == View(box=(8.0, 2.0, 40.0, 34.0), flip=False, resize=(48, 36)) == center_crop_view(80, 60, 32, 0.875)
-    with pytest.raises(AttncacheError, match="--views"):
+    with pytest.raises(AttncacheError, match="`views`"):
         ViewPolicy(split="val", views_per_image=2)
 
 

@@ -75,7 +75,7 @@ def test_rows_are_the_maps_query_row_over_the_patch_grid():
     assert heat.shape == (2, 3, 4, 4) and torch.allclose(torch.from_numpy(heat), expected)
     assert query_index("cls", 2, 4) == (0, None)
     for bad in ("4,0", "a", "1"):
-        with pytest.raises(AttncacheError, match="--query"):
+        with pytest.raises(AttncacheError, match="`query`"):
             query_index(bad, 2, 4)
 
 

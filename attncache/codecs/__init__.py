@@ -4,6 +4,7 @@
 # CaptureShape, the argument of `codec.fields(shape)`, is the teacher's (teacher/capture.py): re-exported here
 from ..teacher.capture import CaptureShape
 from . import dense, inputs, inputs_klt, qk, quantized  # noqa: F401
-from .base import CODECS, Codec, FieldSpec, get_codec, register_codec
+from .base import CODECS, Codec, FieldSpec, SideFile, SideFileInputs, get_codec, register_codec, side_file_names
 
-__all__ = ["CODECS", "CaptureShape", "Codec", "FieldSpec", "get_codec", "register_codec"]
+__all__ = ["CODECS", "CaptureShape", "Codec", "FieldSpec", "SideFile", "SideFileInputs", "get_codec", "register_codec",
+           "side_file_names"]

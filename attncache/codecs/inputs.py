@@ -17,10 +17,31 @@ from __future__ import annotations
 
 import torch
 
-from .base import Codec, FieldSpec, blosc, register_codec
+from ..teacher.capture import CaptureShape
+from ..teacher.projections import Projections, load_projections, projections_bytes
+from .base import Codec, FieldSpec, SideFile, SideFileInputs, blosc, register_codec
 from .qk import quantize_rows
 
 MAX_HADAMARD_BLOCK = 256
+
+
+def _projections_file(codec: Codec, teacher: SideFileInputs) -> bytes:
+    return projections_bytes(teacher.model, teacher.layers)
+
+
+def _load_projections(data: bytes, shape: CaptureShape, where: str) -> Projections:
+    return load_projections(data, shape.layers, shape.heads, shape.heads * shape.head_dim, where)
+
+
+def _projections_nbytes(shape: CaptureShape) -> int:
+    """float32 W_qk (2D × D) and bias (2D) per layer; a teacher with qk-norm adds 4d floats per layer."""
+    dim = shape.heads * shape.head_dim
+    return shape.layers * (2 * dim * dim + 2 * dim) * 4
+
+
+# the teacher's q/k projections of the captured layers (teacher/projections.py): what decoding recomputes logits with
+PROJECTIONS = SideFile("teacher_qk.safetensors", "projections", _projections_file, _load_projections,
+                       _projections_nbytes)
 
 
 def hadamard_block(dim: int) -> int:
@@ -44,15 +65,13 @@ def hadamard(dim: int, device=None) -> torch.Tensor:
 class InputsCodec(Codec):
     name = "inputs"
     payloads = ("inputs",)
-    needs_projections = True
+    side_files = (PROJECTIONS,)
 
     def __init__(self, bits: int = 8):
         bits = int(bits)
         if bits != 16 and not 2 <= bits <= 8:
             raise ValueError("bits must be 16 (fp16) or 2..8 (integers)")
         super().__init__(bits=bits)
-        self.projections = None
-        self._on: dict[str, object] = {}
 
     def decodes_to(self, payload: str) -> str:
         return "logits"
@@ -76,10 +95,6 @@ class InputsCodec(Codec):
         channel = rotated.abs().amax(-2).clamp_min(2 ** -14).half()  # (B, L, D), fp16's smallest normal: never 0
         codes, token = quantize_rows(rotated / channel.float().unsqueeze(-2), self.params["bits"])
         return {"x": codes.cpu().numpy(), "channel_scale": channel.cpu().numpy(), "token_scale": token.cpu().numpy()}
-
-    def bind(self, projections) -> None:
-        """The teacher's q/k projections (a `teacher.projections.Projections`) that decoding needs."""
-        self.projections, self._on = projections, {}
 
     def _projections_on(self, device: torch.device):
         """The projections on `device`, with H folded into the weights for the quantised fields."""

@@ -34,7 +34,10 @@ import torch
 
 from ..errors import AttncacheError, CacheFormatError
 from ..files import canonical_safetensors
-from .base import Codec, FieldSpec, blosc, register_codec
+from ..teacher.capture import CaptureShape
+from ..teacher.projections import from_model
+from .base import Codec, FieldSpec, SideFile, SideFileInputs, blosc, register_codec
+from .inputs import PROJECTIONS
 
 MAX_CODE = 2 ** 30 - 1  # the largest |code|: its zigzag code fits in 31 bits, so an int32 view is non-negative
 # G is estimated from a few thousand tokens: a direction they hardly span would get almost no precision, and matter
@@ -47,12 +50,30 @@ BITS, CHUNK = 20, 4096
 _THREADS = threading.RLock()  # `_one_thread` saves and restores torch's thread count one block at a time
 
 
+def _fitted_basis_file(codec: Codec, teacher: SideFileInputs) -> bytes:
+    """Fitted on the codec's `fit` calibration views, in the logit metric of the teacher's own projections."""
+    return basis_bytes(fit_basis(teacher.calibration(codec.params["fit"]), from_model(teacher.model, teacher.layers)))
+
+
+def _load_basis(data: bytes, shape: CaptureShape, where: str) -> Basis:
+    return load_basis(data, shape.layers, shape.heads * shape.head_dim, where)
+
+
+def _basis_nbytes(shape: CaptureShape) -> int:
+    """float32 mean (D) and T⁻¹ (D × D) per layer."""
+    dim = shape.heads * shape.head_dim
+    return shape.layers * (dim + dim * dim) * 4
+
+
+# μ and T⁻¹ per captured layer (`Basis`), fitted at extraction: what coding and decoding need besides the projections
+BASIS = SideFile("inputs_basis.safetensors", "basis", _fitted_basis_file, _load_basis, _basis_nbytes, fitted=True)
+
+
 @register_codec
 class InputsKLTCodec(Codec):
     name = "inputs_klt"
     payloads = ("inputs",)
-    needs_projections = True
-    needs_basis = True
+    side_files = (PROJECTIONS, BASIS)
 
     def __init__(self, step: float = 0.02, fit: int = 64):
         step, fit = float(step), int(fit)
@@ -61,8 +82,6 @@ class InputsKLTCodec(Codec):
         if not 1 <= fit <= 4096:
             raise ValueError("fit (calibration views) must be in 1..4096")
         super().__init__(step=step, fit=fit)
-        self.projections, self.basis = None, None
-        self._on: dict[str, object] = {}
 
     def decodes_to(self, payload: str) -> str:
         return "logits"
@@ -76,12 +95,6 @@ class InputsKLTCodec(Codec):
 
     def compressor(self) -> dict:
         return blosc(shuffle=2, typesize=4)  # bit shuffle: the zero high bits of small codes compress to nothing
-
-    def bind(self, projections) -> None:
-        self.projections, self._on = projections, {}
-
-    def bind_basis(self, basis: Basis) -> None:
-        self.basis, self._on = basis, {}
 
     def encode(self, captured, payload):
         x = captured.float()  # (B, L, N, D); float32 is exact enough: an error of 1e-7·|z| against a step of 1e-3

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..codecs import Codec, get_codec
 from ..device import parse_device
-from ..errors import AttncacheError
+from ..errors import ConfigError
 from ..store.format import STORE_FORMATS
 from ..store.fs import is_url
 from ..teacher import PAYLOADS, TeacherOptions
@@ -40,57 +40,57 @@ class ExtractConfig:
     amp: bool = False  # bf16 autocast for the teacher on CUDA; maps are still formed in fp32
     repair: bool = False  # re-hash every file of a finished cache and rewrite the shards that differ
     progress: bool = True
-    stage: str | None = None  # --out URL: the local staging directory (default under ~/.cache/attncache/stage)
-    storage_options: dict = field(default_factory=dict)  # --out URL: fsspec options (endpoint, credentials, ...)
-    ignore_free_space: bool = False  # start even when --out (or --stage) clearly has too little room for the cache
+    stage: str | None = None  # `out` a URL: the local staging directory (default under ~/.cache/attncache/stage)
+    storage_options: dict = field(default_factory=dict)  # `out` a URL: fsspec options (endpoint, credentials, ...)
+    ignore_free_space: bool = False  # start even when `out` (or `stage`) clearly has too little room for the cache
 
 
 def check_options(cfg: ExtractConfig) -> Codec:
     """Option errors before anything is built or read; returns the codec."""
     if cfg.format not in STORE_FORMATS:
-        raise AttncacheError(f"--format {cfg.format!r}: expected one of {STORE_FORMATS}")
+        raise ConfigError(f"`format` {cfg.format!r}: expected one of {STORE_FORMATS}")
     if cfg.embed_images and cfg.format != "wds":
-        raise AttncacheError("--embed-images needs --format wds (a zarr cache joins images by key)")
-    for name, value in (("batch-size", cfg.batch_size), ("workers", cfg.workers)):
-        if value < 1:
-            raise AttncacheError(f"--{name} {value}: must be >= 1")
+        raise ConfigError("`embed_images` needs `format` wds (a zarr cache joins images by key)")
+    for name in ("batch_size", "workers"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"`{name}` {getattr(cfg, name)}: must be >= 1")
     if cfg.records_per_shard is not None and cfg.records_per_shard < 1:
-        raise AttncacheError(f"--shard-records {cfg.records_per_shard}: must be >= 1")
+        raise ConfigError(f"`records_per_shard` {cfg.records_per_shard}: must be >= 1")
     if cfg.num_shards < 1 or not 0 <= cfg.shard_index < cfg.num_shards:
-        raise AttncacheError(f"--num-shards {cfg.num_shards} --shard-index {cfg.shard_index}: expected "
-                             "0 <= shard-index < num-shards")
+        raise ConfigError(f"`num_shards` {cfg.num_shards} `shard_index` {cfg.shard_index}: expected "
+                          "0 <= shard index < number of shards")
     if cfg.limit is not None and cfg.limit < 1:
-        raise AttncacheError(f"--limit {cfg.limit}: must be >= 1")
+        raise ConfigError(f"`limit` {cfg.limit}: must be >= 1")
     if cfg.augment.enabled and cfg.split != "train":
-        raise AttncacheError("--split val draws timm's deterministic eval view: augmentation and mixing are for "
-                             "training views")
-    parse_device(cfg.device)
+        raise ConfigError("`split` val draws timm's deterministic eval view: augmentation and mixing are for "
+                          "training views")
+    parse_device(cfg.device, "`device`")
     codec = get_codec(cfg.codec, **cfg.codec_params)
     if cfg.payload is not None and cfg.payload not in PAYLOADS:
-        raise AttncacheError(f"--payload {cfg.payload!r}: expected one of {PAYLOADS}")
+        raise ConfigError(f"`payload` {cfg.payload!r}: expected one of {PAYLOADS}")
     if cfg.payload is not None and cfg.payload not in codec.payloads:
-        raise AttncacheError(f"--codec {cfg.codec} encodes payload {' or '.join(codec.payloads)}, "
-                             f"not --payload {cfg.payload}")
+        raise ConfigError(f"`codec` {cfg.codec} encodes payload {' or '.join(codec.payloads)}, "
+                          f"not `payload` {cfg.payload}")
     return codec
 
 
 def check_paths(cfg: ExtractConfig) -> None:
-    """A local `--data` that cannot be read and an `--out` that cannot be written, named before a teacher is built
-    (building one may download weights for minutes, or fail on an unreachable hub first). A missing `--data` is
+    """A local `data` that cannot be read and an `out` that cannot be written, named before a teacher is built
+    (building one may download weights for minutes, or fail on an unreachable hub first). A missing `data` is
     open_source's error, which also runs before the teacher."""
     data = Path(cfg.data)
     local = not (cfg.data == "demo" or cfg.data.startswith("demo:") or "://" in cfg.data
                  or cfg.data.startswith("pipe:") or "{" in cfg.data)
     if local and data.exists() and not os.access(data, os.R_OK | (os.X_OK if data.is_dir() else 0)):
-        raise AttncacheError(f"--data {cfg.data}: not readable (permission denied)")
+        raise ConfigError(f"`data` {cfg.data}: not readable (permission denied)")
     if is_url(cfg.out):
-        return  # the remote side is checked when it is contacted; the staging directory is the local --out
+        return  # the remote side is checked when it is contacted; the staging directory is the local `out`
     out = Path(cfg.out).absolute()
     existing = out
-    while not existing.exists() and existing != existing.parent:  # the folder --out would be created in
+    while not existing.exists() and existing != existing.parent:  # the folder `out` would be created in
         existing = existing.parent
     if existing != out and not existing.is_dir():
-        raise AttncacheError(f"--out {cfg.out}: cannot be created ({existing} is not a directory)")
+        raise ConfigError(f"`out` {cfg.out}: cannot be created ({existing} is not a directory)")
     if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
-        raise AttncacheError(f"--out {cfg.out}: cannot be {'written' if existing == out else 'created'} (no write "
-                             f"permission on {existing}, or a read-only filesystem)")
+        raise ConfigError(f"`out` {cfg.out}: cannot be {'written' if existing == out else 'created'} (no write "
+                          f"permission on {existing}, or a read-only filesystem)")

@@ -2,7 +2,8 @@
 
 Worker threads decode images and render views (a bounded window ahead), the calling thread runs the teacher and
 the codec's on-device encoding, one writer thread compresses and writes whole shards (temporary name, then rename)
-and drops a completion marker per shard. The first error of any stage is raised in the caller.
+and drops a completion marker per shard, then has the destination publish the shard (publish.py). The first
+error of any stage is raised in the caller.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +31,9 @@ from ..store.format import sample_and_view
 from ..teacher import AttentionCapture, TeacherSpec, drop_path_masks
 from ..views import View, drop_path_keep, render
 from .plan import write_marker
+
+if TYPE_CHECKING:
+    from .publish import Destination
 
 
 @dataclass
@@ -71,11 +76,14 @@ def _rendered_rows(work: Work, rows: list[int], pool, window: int) -> Iterator[t
 
 
 class ShardWriterThread(threading.Thread):
-    """Compresses and writes whole shards off the main thread; the first error is re-raised in the caller."""
+    """Compresses and writes whole shards off the main thread; the first error is re-raised in the caller. A shard
+    is durable once its marker is written: then the destination publishes it (publish.py), then `on_shard` hears
+    of it."""
 
-    def __init__(self, writer: StoreWriter, out: Path, on_shard: Callable[[int], None] | None):
+    def __init__(self, writer: StoreWriter, out: Path, on_shard: Callable[[int], None] | None,
+                 destination: Destination | None = None):
         super().__init__(daemon=True)
-        self.writer, self.out, self.on_shard = writer, out, on_shard
+        self.writer, self.out, self.on_shard, self.destination = writer, out, on_shard, destination
         self.jobs: queue.Queue = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
 
@@ -88,6 +96,8 @@ class ShardWriterThread(threading.Thread):
                 arrays = {k: np.stack(v) for k, v in arrays.items()}
                 self.writer.write_shard(shard, arrays, metas, images)
                 write_marker(self.out, shard, self.writer.shard_paths(shard))
+                if self.destination is not None:
+                    self.destination.shard_durable(shard)
                 if self.on_shard:
                     self.on_shard(shard)
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread
@@ -153,14 +163,14 @@ def writer_threads(device: torch.device, render_workers: int) -> int:
 
 def run_pipeline(work: Work, pending: list[int], capture: AttentionCapture, codec: Codec, writer: StoreWriter, *,
                  batch_size: int, workers: int, device: torch.device, amp: bool, progress: bool,
-                 on_shard: Callable[[int], None] | None = None) -> None:
+                 on_shard: Callable[[int], None] | None = None, destination: Destination | None = None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     n, per_shard, records = len(work.samples), work.per_shard, work.records
     shard_rows = {s: min(per_shard, records - s * per_shard) for s in pending}
     left = dict(shard_rows)  # rows of each shard not yet in a batch
     writer.threads = writer_threads(device, workers)
-    writer_thread = ShardWriterThread(writer, work.out, on_shard)
+    writer_thread = ShardWriterThread(writer, work.out, on_shard, destination)
     writer_thread.start()
     buffers: dict[int, list] = {}
     autocast = teacher_autocast(device, amp)

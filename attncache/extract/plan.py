@@ -16,15 +16,14 @@ import shutil
 import time
 from pathlib import Path
 
+from ..codecs import side_file_names
 from ..errors import AttncacheError
 from ..files import StrictJSONError, atomic_write_json, dumps_canonical, read_json, remove_partials, write_jsonl
 from ..rundir import RunDir
 from ..store.format import (
-    BASIS,
     MANIFEST,
     PLAN,
     PROGRESS_DIR,
-    PROJECTIONS,
     SAMPLES,
     VIEWS,
     WDS_SHARD_DIR,
@@ -84,11 +83,13 @@ def _discard(out: Path, old_plan: dict) -> None:
     for name in (PROGRESS_DIR, WDS_SHARD_DIR, *[n for n in fields if isinstance(n, str) and n.isidentifier()]):
         if (out / name).is_dir() and not (out / name).is_symlink():
             shutil.rmtree(out / name)
-    for name in (SAMPLES, VIEWS, *TABLES, PROJECTIONS, BASIS, "zarr.json"):
+    for name in (SAMPLES, VIEWS, *TABLES, *side_file_names(), "zarr.json"):
         (out / name).unlink(missing_ok=True)
 
 
-def cache_dir(out: str | Path) -> RunDir:
+def run_dir(out: str | Path) -> RunDir:
+    """The extraction's run state in `out` (rundir.py): its claim, lock, plan and resume (not `--cache-dir`, the
+    node-local copy of a remote cache that readers keep)."""
     return RunDir(out, kind="cache", plan_file=PLAN, done_file=MANIFEST, started=_started,
                   recorded_plan=_recorded_plan, differences=plan_differences, discard=_discard, unclaimed=(SCAN,))
 
@@ -96,9 +97,9 @@ def cache_dir(out: str | Path) -> RunDir:
 def check_out_is_free(out: Path) -> None:
     """The cheap part of the directory check, before the teacher is built."""
     if out.exists() and not out.is_dir():
-        raise AttncacheError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and not cache_dir(out).is_free() and not cache_dir(out).is_ours():
-        raise AttncacheError(f"--out {out}: not empty and holds no attncache cache; choose an empty or new "
+        raise AttncacheError(f"`out` {out}: exists and is not a directory")
+    if out.is_dir() and not run_dir(out).is_free() and not run_dir(out).is_ours():
+        raise AttncacheError(f"`out` {out}: not empty and holds no attncache cache; choose an empty or new "
                              "directory")
 
 
@@ -318,7 +319,7 @@ def scan_logger(out: Path):
     write: it holds something else or a finished cache; a refusal comes at the claim). Appends, never rewrites:
     a kill leaves whole lines and at most one torn last line, which `load_scan` drops."""
     unfinished = (out / PLAN).is_file() and not (out / MANIFEST).exists()
-    if not (cache_dir(out).is_free() or unfinished):  # a finished cache or another's folder: never written to
+    if not (run_dir(out).is_free() or unfinished):  # a finished cache or another's folder: never written to
         return None
 
     def log(samples, stamps) -> None:
@@ -333,8 +334,10 @@ def scan_logger(out: Path):
     return log
 
 
-def save_scan(out: Path, samples: list[dict], stamps: list[str | None]) -> None:
-    write_jsonl(out / SCAN, [{**s, "stamp": stamp} for s, stamp in zip(samples, stamps, strict=True)])
+def save_scan(out: Path, samples, entries) -> None:
+    """The whole scan (samples, a sequence of dicts, and the listing's entries for their stamps), written by
+    streaming: no list of every line is built."""
+    write_jsonl(out / SCAN, ({**samples[i], "stamp": entries[i].stamp} for i in range(len(samples))))
 
 
 def remove_progress(out: Path) -> None:

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import AttncacheError
+from ..store.records import SAMPLE_DTYPE, SampleRows, key_hashes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -68,6 +71,7 @@ class Source:
     classes: list[str]
     streamed: bool = False  # True: images come in one pass, never by key (no mixing partners, no joins)
     _keys: dict[str, int] | None = None
+    _hashes: np.ndarray | None = None
 
     def entries(self) -> list[Entry]:
         """The samples in order (cheap: no image is read)."""
@@ -98,6 +102,14 @@ class Source:
         have = self._key_index()
         return [k for k in keys if k not in have]
 
+    def key_hashes(self) -> np.ndarray:
+        """The hashes of every listed key (`store.records.key_hash`, the cache's key-index hash), sorted: a cache's
+        keys are checked against a listing as two sorted arrays, with no Python step per key."""
+        if self._hashes is None:
+            entries = self.entries()
+            self._hashes = np.sort(key_hashes((e.key for e in entries), len(entries)))
+        return self._hashes
+
     def _key_index(self) -> dict[str, int]:
         if self._keys is None:
             self._keys = {e.key: i for i, e in enumerate(self.entries())}
@@ -105,29 +117,52 @@ class Source:
 
     def scan(self, workers: int = 4, known: dict[str, dict] | None = None, on_progress=None,
              every: int = 10_000) -> list[Sample]:
-        """Every sample hashed and decoded, in listing order. `known` maps key -> an earlier scan's record
-        (`Sample.to_json()` plus `stamp`): reused where the stamp still matches. `on_progress(samples, stamps)`
-        gets each next `every` newly hashed samples (and the last few), so a killed scan can resume."""
+        """`scan_rows` as a list of `Sample` (small sources: evaluation sets, benchmarks, tests)."""
+        rows = self.scan_rows(workers, known, on_progress, every)
+        return [Sample(**s) for s in rows]
+
+    def scan_rows(self, workers: int = 4, known: dict[str, dict] | None = None, on_progress=None,
+                  every: int = 10_000, window: int = 1024) -> SampleRows:
+        """Every sample hashed and decoded, in listing order, as the samples table's rows (no Python object per
+        image is kept: an ImageNet scan holds ~54 bytes and the key per image). `known` maps key -> an earlier
+        scan's record (`Sample.to_json()` plus `stamp`): reused where the stamp still matches.
+        `on_progress(samples, stamps)` gets each next `every` newly hashed samples (and the last few), so a
+        killed scan can resume. At most `window` images are in flight (a pool's `map` would queue a future for
+        every image up front)."""
         entries = self.entries()
         known = known or {}
 
-        def one(i: int) -> Sample:
+        def one(i: int) -> tuple[Sample, bool]:
             e = entries[i]
             old = known.get(e.key)
             if e.stamp is not None and old is not None and old.get("stamp") == e.stamp:
-                return Sample(e.key, e.label, old["sha256"], old["width"], old["height"])
-            return describe_image(self.read_index(i), e.key, e.label, self.where(e.key))
+                return Sample(e.key, e.label, old["sha256"], old["width"], old["height"]), False
+            return describe_image(self.read_index(i), e.key, e.label, self.where(e.key)), True
 
-        out, fresh = [], []
+        rows, heap = np.zeros(len(entries), SAMPLE_DTYPE), bytearray()
+        fresh: list[tuple[Sample, str | None]] = []
         with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes and hashlib hashes without the GIL
-            for i, sample in enumerate(pool.map(one, range(len(entries)))):
-                out.append(sample)
-                old = known.get(sample.key)
-                if on_progress is not None and not (old is not None and old.get("stamp") == entries[i].stamp):
-                    fresh.append(i)
+            for i, (sample, hashed) in enumerate(ordered_map(pool, one, len(entries), window)):
+                key = sample.key.encode()
+                rows[i] = (len(heap), len(key), sample.label, sample.width, sample.height,
+                           np.frombuffer(bytes.fromhex(sample.sha256), np.uint8))
+                heap += key
+                if on_progress is not None and hashed:
+                    fresh.append((sample, entries[i].stamp))
                     if len(fresh) >= every:
-                        on_progress([out[j] for j in fresh], [entries[j].stamp for j in fresh])
+                        on_progress(*map(list, zip(*fresh, strict=True)))
                         fresh = []
         if on_progress is not None and fresh:
-            on_progress([out[j] for j in fresh], [entries[j].stamp for j in fresh])
-        return out
+            on_progress(*map(list, zip(*fresh, strict=True)))
+        return SampleRows(rows, bytes(heap))
+
+
+def ordered_map(pool, fn, count: int, window: int):
+    """fn(0), fn(1), ... fn(count - 1) run on `pool`, yielded in order, with at most `window` submitted ahead."""
+    pending: deque = deque()
+    for i in range(count):
+        pending.append(pool.submit(fn, i))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -33,6 +34,7 @@ BLOSC_HEADER = 16
 BLOSC_MAX_OVERHEAD = 16  # a blosc1 frame is at most its header longer than the raw bytes
 POOL_MIN_BYTES = 256 << 10  # smaller chunks decode faster than a thread hand-off (~40 us here)
 CHECKSUM_BYTES = 4  # crc32c, little-endian, after each stored chunk (format version >= 4)
+SHARD_INDEXES_KEPT = 256  # shard indexes a reader keeps (a batch of random rows touches at most batch-size shards)
 
 
 # CRC-32C of a message followed by its own CRC-32C (little-endian) is this constant for every message (the CRC's
@@ -119,7 +121,21 @@ class StoreReader:
         self.compressor = manifest["codec"]["compressor"]
         self.checksum = has_chunk_checksums(manifest)
         self.records_per_shard = manifest["store"]["records_per_shard"]
-        self.shard_files = {i: {f["path"]: f for f in s["files"]} for i, s in enumerate(manifest["store"]["shards"])}
+        self.shards = manifest["store"]["shards"]  # a ShardList (store/shards.py): sizes and sha256 as arrays
+        self._shard_indexes: OrderedDict = OrderedDict()
+
+    def kept_index(self, key, load):
+        """A shard's index (where each record lies in it), read by `load()` once and kept among the last
+        SHARD_INDEXES_KEPT: an epoch's random reads touch every shard, and a worker keeping them all would grow by
+        the whole cache's index (20,000 shards of an ImageNet cache) over the epoch."""
+        index = self._shard_indexes.get(key)
+        if index is None:
+            index = self._shard_indexes[key] = load()
+            if len(self._shard_indexes) > SHARD_INDEXES_KEPT:
+                self._shard_indexes.popitem(last=False)
+        else:
+            self._shard_indexes.move_to_end(key)
+        return index
 
     def read(self, rows: list[int]) -> dict[str, np.ndarray]:
         """{field: (len(rows), *shape)} numpy arrays for the given record rows."""

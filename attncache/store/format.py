@@ -16,7 +16,7 @@ import math
 import re
 from importlib import resources
 
-from ..codecs import get_codec
+from ..codecs import CaptureShape, Codec, get_codec
 from ..errors import AttncacheError, CacheFormatError
 from ..files import StrictJSONError, dumps_canonical, loads_strict
 from .records import KEYS_TABLE as KEYS
@@ -47,8 +47,8 @@ DIGEST_FIELD = "content_sha256"
 MANIFEST = "manifest.json"
 SAMPLES = "samples.jsonl"  # versions 1-4: one JSON object per image, in sample-index order
 VIEWS = "views.jsonl"  # versions 1-4: one JSON object per record, in row order
-PROJECTIONS = "teacher_qk.safetensors"  # codec `inputs`: the teacher's q/k projections of the captured layers
-BASIS = "inputs_basis.safetensors"  # codec `inputs_klt`: the basis fitted at extraction (codecs/inputs_klt.py)
+# A codec's side files (teacher_qk.safetensors, inputs_basis.safetensors) are named by the codec that carries them
+# (`Codec.side_files`, codecs/base.py) and listed in the manifest's `files` like the record files.
 PROGRESS_DIR = ".progress"  # resume state of an unfinished extraction; never part of a finished cache
 PLAN = f"{PROGRESS_DIR}/plan.json"
 
@@ -173,13 +173,13 @@ def _check_shard_entries(shards: list) -> None:
                                        "relative path of letters, digits, '.', '_' and '-'")
 
 
-def parse_manifest(data: bytes) -> dict:
-    """Strictly parse and fully validate a manifest's bytes."""
+def parse_manifest(data: bytes, codec: bool = True) -> dict:
+    """Strictly parse and validate a manifest's bytes (`codec`: as `validate_manifest`)."""
     try:
         manifest = loads_strict(data)
     except StrictJSONError as exc:
         raise CacheFormatError(f"manifest: {exc}") from exc
-    return validate_manifest(manifest)
+    return validate_manifest(manifest, codec)
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -197,8 +197,12 @@ def _schema_errors(m) -> None:
         raise CacheFormatError(f"manifest: {where}: {message[:200]}{'...' if len(message) > 200 else ''}")
 
 
-def validate_manifest(m: dict) -> dict:
-    """Check a parsed manifest against the schema and the cross-field rules; returns it unchanged."""
+def validate_manifest(m: dict, codec: bool = True) -> dict:
+    """Check a parsed manifest against the schema and the cross-field rules; returns it unchanged.
+
+    `codec=False` leaves out the rules that need the named codec built (its fields, compressor, payload and side
+    files): what copies and hashes the files a manifest names needs only the rest, and works for a codec this
+    attncache does not know. Reading the records needs them all."""
     _require(isinstance(m, dict), "not a JSON object")
     _require(m.get("format") == FORMAT_NAME, f"format must be {FORMAT_NAME!r}, got {m.get('format')!r}")
     _require(m.get("version") in READABLE_VERSIONS,
@@ -207,7 +211,7 @@ def validate_manifest(m: dict) -> dict:
     _schema_errors(m)
     _check_teacher(m["teacher"])
     _check_capture(m)
-    _check_codec(m)
+    checked = _check_codec(m) if codec else None
     n, k = m["dataset"]["num_samples"], m["views"]["views_per_image"]
     _require(m["views"]["split"] == "train" or k == 1, "views: a val split has one view per image")
     _require(m["views"]["scale"][0] <= m["views"]["scale"][1] and m["views"]["ratio"][0] <= m["views"]["ratio"][1],
@@ -219,11 +223,8 @@ def validate_manifest(m: dict) -> dict:
     for name in m["files"]:
         _require(m["files"][name]["path"] == name, f"files.{name}.path must be {name!r}")
     _check_record_files(m)
-    codec = get_codec(m["codec"]["name"], **m["codec"]["params"])
-    _require((PROJECTIONS in m["files"]) == codec.needs_projections,
-             f"files.{PROJECTIONS} must be there exactly when the codec decodes with the teacher's projections")
-    _require((BASIS in m["files"]) == codec.needs_basis,
-             f"files.{BASIS} must be there exactly when the codec codes in a fitted basis")
+    if checked is not None:
+        _check_side_files(m, checked)
     # last, so a value out of range is named as such; a valid value changed by hand is caught here
     _require((DIGEST_FIELD in m) == (m["version"] >= 4), f"{DIGEST_FIELD} is required from format version 4 on")
     _require(DIGEST_FIELD not in m or m[DIGEST_FIELD] == content_digest(m),
@@ -294,14 +295,14 @@ def _check_capture(m: dict) -> None:
              f"{MAX_RECORD_MAP_BYTES >> 30} GiB")
 
 
-def _check_codec(m: dict) -> None:
+def _check_codec(m: dict) -> Codec:
     """The fields and compressor must be exactly what the named codec and parameters write for this teacher's
     geometry, and its payload one the codec encodes: a reader never trusts a shape or dtype the codec would not
-    have written, nor a parameter the bytes were not made with."""
+    have written, nor a parameter the bytes were not made with. Returns the codec (unbound)."""
     c, codec_json = m["capture"], m["codec"]
     try:
         codec = get_codec(codec_json["name"], **codec_json["params"])
-        readable = [{k: v.to_json() for k, v in f.items()} for f in codec.readable_fields(_capture_shape(m))]
+        readable = [{k: v.to_json() for k, v in f.items()} for f in codec.readable_fields(capture_shape(m))]
     except AttncacheError as exc:
         raise CacheFormatError(f"manifest: codec: {exc}") from exc
     _require(codec.params == codec_json["params"],
@@ -311,11 +312,21 @@ def _check_codec(m: dict) -> None:
              f"codec.fields do not match codec {codec.name!r} with params {codec.params}")
     _require(codec_json["compressor"] == codec.compressor(),
              f"codec.compressor does not match codec {codec.name!r}")
+    return codec
 
 
-def _capture_shape(m: dict):
-    from ..teacher.capture import CaptureShape
+def _check_side_files(m: dict, codec: Codec) -> None:
+    """Beside the record files, `files` names exactly the side files the codec carries: a reader binds each one, and
+    a file no codec reads is no part of the cache."""
+    carried = {side.name for side in codec.side_files}
+    named = set(m["files"]) - {SAMPLES, VIEWS, *TABLES}
+    for name in sorted(carried | named):
+        _require((name in named) == (name in carried), f"files.{name} must be there exactly when the codec carries "
+                                                       f"it (codec {codec.name!r} carries {sorted(carried)})")
 
+
+def capture_shape(m: dict) -> CaptureShape:
+    """One record's capture geometry, from a manifest's teacher and layers (what the codec's fields follow)."""
     t = m["teacher"]
     return CaptureShape(len(m["capture"]["layers"]), t["num_heads"], t["num_tokens"], t["embed_dim"] // t["num_heads"])
 

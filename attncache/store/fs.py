@@ -99,7 +99,7 @@ class CacheFS:
             self.backoff = float(own.get("backoff", DEFAULT_BACKOFF_S))
             cache_max_bytes = int(own.get("cache_max_bytes", DEFAULT_CACHE_MAX_BYTES))
         except (TypeError, ValueError) as exc:
-            raise AttncacheError(f"--storage-option: {exc}") from exc
+            raise AttncacheError(f"`storage_option`: {exc}") from exc
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.url, **fs_options)
         except ImportError as exc:

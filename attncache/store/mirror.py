@@ -40,7 +40,7 @@ class Mirror:
             with self._locked():
                 if not self._ready(local, entry):  # another process may have fetched it meanwhile
                     if entry["bytes"] > self.max_bytes:
-                        raise AttncacheError(f"{fs.where(rel)}: {entry['bytes']:,} bytes do not fit in --cache-dir "
+                        raise AttncacheError(f"{fs.where(rel)}: {entry['bytes']:,} bytes do not fit in `cache_dir` "
                                              f"(cache_max_bytes {self.max_bytes:,})")
                     self._evict(entry["bytes"])
                     fs.call(rel, lambda: self._download(fs, rel, entry, local))

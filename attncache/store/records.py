@@ -23,7 +23,6 @@ tables in memory (`legacy_tables`): small caches, read by the same code.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import math
 from dataclasses import dataclass, replace
 
@@ -161,9 +160,40 @@ def check_view(view, sample: dict, partner: dict | None, manifest: dict) -> None
 # encoding (extraction, and versions 1-4 read into tables)
 
 
+class SampleRows:
+    """Samples as the samples table holds them, in memory: `rows` (SAMPLE_DTYPE) and `heap` (the keys' UTF-8 bytes
+    back to back), about 54 bytes and the key per image, with no Python object per image (what an extraction
+    holds while it scans and draws ImageNet's 1.28M images). Indexing gives one sample's dict, made when asked."""
+
+    def __init__(self, rows: np.ndarray, heap: bytes):
+        self.rows, self.heap = rows, heap
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def key(self, index: int) -> str:
+        start = int(self.rows["key_offset"][index])
+        return self.heap[start:start + int(self.rows["key_bytes"][index])].decode()
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.rows[index]
+        return {"key": self.key(index), "label": int(row["label"]), "sha256": row["sha256"].tobytes().hex(),
+                "width": int(row["width"]), "height": int(row["height"])}
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def keys(self):
+        return (self.key(i) for i in range(len(self)))
+
+
 def sample_rows(samples, key_offset: int = 0) -> tuple[np.ndarray, bytes]:
-    """Rows of samples (dicts key/label/sha256/width/height) and their keys' heap bytes, the first key at
-    `key_offset` of the heap."""
+    """Rows of samples (dicts key/label/sha256/width/height, or `SampleRows`) and their keys' heap bytes, the first
+    key at `key_offset` of the heap."""
+    if isinstance(samples, SampleRows):
+        rows = samples.rows.copy()
+        rows["key_offset"] += key_offset
+        return rows, bytes(samples.heap)
     keys = [s["key"].encode() for s in samples]
     rows = np.zeros(len(keys), SAMPLE_DTYPE)
     lengths = np.array([len(k) for k in keys], dtype=np.int64)
@@ -176,8 +206,9 @@ def sample_rows(samples, key_offset: int = 0) -> tuple[np.ndarray, bytes]:
     return rows, b"".join(keys)
 
 
-def key_hashes(keys) -> np.ndarray:
-    return np.fromiter((key_hash(k) for k in keys), np.uint64, len(keys))
+def key_hashes(keys, count: int | None = None) -> np.ndarray:
+    """The key hashes of `keys` (a list, or an iterable of `count` keys: none held at once)."""
+    return np.fromiter((key_hash(k) for k in keys), np.uint64, len(keys) if count is None else count)
 
 
 def key_index_rows(keys=None, hashes: np.ndarray | None = None) -> np.ndarray:
@@ -424,6 +455,16 @@ class RecordTables:
                     return index
         return None
 
+    def iter_key_hashes(self, chunk: int = 1 << 16):
+        """The key index's rows (hash, sample), a chunk at a time, sorted by hash: a cache's keys checked against a
+        source's as arrays (train.loader.check_images), never a Python string per key."""
+        for start in range(0, self.key_index.rows, chunk):
+            rows = self.key_index.slice(start, min(self.key_index.rows, start + chunk))
+            if (rows["sample"] >= self.num_samples).any():
+                raise CacheFormatError(f"{self.where[KEY_INDEX_TABLE]}: rows {start}..: a sample index outside the "
+                                       f"{self.num_samples} samples")
+            yield rows
+
     def iter_keys(self, chunk: int = 1 << 16):
         """Every key in sample order, a chunk at a time (a whole-cache pass holds one chunk): the keys of a chunk
         must lie back to back in the heap, as extraction writes them."""
@@ -504,9 +545,15 @@ def table_entry_rows(manifest: dict) -> dict[str, int | None]:
 # writing (extraction)
 
 
-def write_tables(out, samples: list[dict], views, layout: Layout, chunk: int = 4096) -> dict[str, dict]:
-    """Write the four tables of `samples` and `views` (an iterable of `View` in row order, consumed a chunk at a
-    time: the views are never all in memory) into folder `out`; returns their file entries."""
+def _hashes_of(samples) -> np.ndarray:
+    keys = samples.keys() if isinstance(samples, SampleRows) else (s["key"] for s in samples)
+    return key_hashes(keys, len(samples))
+
+
+def write_tables(out, samples, view_rows, layout: Layout) -> dict[str, dict]:
+    """Write the four tables of `samples` (dicts or `SampleRows`) and `view_rows` (an iterable of views-table row
+    arrays in row order, e.g. `record_rows` of a span of views: the views are never all in memory) into folder
+    `out`; returns their file entries."""
     from pathlib import Path
 
     from .tables import TableWriter, write_table
@@ -516,14 +563,13 @@ def write_tables(out, samples: list[dict], views, layout: Layout, chunk: int = 4
     entries = {SAMPLES_TABLE: write_table(out / SAMPLES_TABLE, rows, DEFAULT_ROWS_PER_BLOCK[SAMPLES_TABLE]),
                KEYS_TABLE: write_table(out / KEYS_TABLE, np.frombuffer(heap, np.uint8),
                                        DEFAULT_ROWS_PER_BLOCK[KEYS_TABLE]),
-               KEY_INDEX_TABLE: write_table(out / KEY_INDEX_TABLE, key_index_rows([s["key"] for s in samples]),
+               KEY_INDEX_TABLE: write_table(out / KEY_INDEX_TABLE, key_index_rows(hashes=_hashes_of(samples)),
                                             DEFAULT_ROWS_PER_BLOCK[KEY_INDEX_TABLE])}
     dtype = layout.record_dtype()
     writer = TableWriter(out / VIEWS_TABLE, dtype, rows_per_block_for(dtype.itemsize))
     try:
-        views = iter(views)
-        while batch := list(itertools.islice(views, chunk)):
-            writer.append(record_rows(batch, layout))
+        for chunk in view_rows:
+            writer.append(chunk)
     except BaseException:
         writer.abort()
         raise

@@ -58,16 +58,10 @@ class WdsWriter(StoreWriter):
 
 
 class WdsReader(StoreReader):
-    def __init__(self, fs, manifest):
-        super().__init__(fs, manifest)
-        self._index: dict[int, dict[str, dict[str, tuple[int, int]]]] = {}
-
     def _shard_index(self, shard: int) -> dict[str, dict[str, tuple[int, int]]]:
         """{record id: {suffix: (offset, size)}} of a shard's regular-file members."""
-        if shard not in self._index:
-            rel = wds_shard_name(shard)
-            self._index[shard] = self.fs.call(rel, lambda: self._read_index(rel))
-        return self._index[shard]
+        rel = wds_shard_name(shard)
+        return self.kept_index(shard, lambda: self.fs.call(rel, lambda: self._read_index(rel)))
 
     def _read_index(self, rel: str) -> dict[str, dict[str, tuple[int, int]]]:
         members: dict[str, dict[str, tuple[int, int]]] = {}
@@ -118,10 +112,10 @@ class WdsReader(StoreReader):
                     yield self._member(row, name, self.max_stored_bytes(spec)), spec, where, out[name][j]
 
     def chunks(self):
-        for shard in range(len(self.shard_files)):
+        for shard in range(len(self.shards)):
             rel = wds_shard_name(shard)
             first = shard * self.records_per_shard
-            for row in range(first, first + self.manifest["store"]["shards"][shard]["records"]):
+            for row in range(first, first + self.shards.records_of(shard)):
                 for name, spec in self.fields.items():
                     yield f"{self.fs.where(rel)}:{record_id(row)}.{name}", \
                         self._member(row, name, self.max_stored_bytes(spec))

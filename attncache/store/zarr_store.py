@@ -87,7 +87,7 @@ class ZarrWriter(StoreWriter):
     def __init__(self, *args, overwrite: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         if self.embed_images:
-            raise ValueError("--embed-images needs --format wds (a zarr cache joins images by key)")
+            raise ValueError("`embed_images` needs `format` wds (a zarr cache joins images by key)")
         _create_arrays(zarr.storage.LocalStore(self.root), {k: v.to_json() for k, v in self.fields.items()},
                        self.compressor, self.records, self.records_per_shard, self.checksum, overwrite=overwrite)
 
@@ -104,7 +104,6 @@ class ZarrReader(StoreReader):
     def __init__(self, fs, manifest):
         super().__init__(fs, manifest)
         self._check_metadata()
-        self._indexes: dict[tuple[str, int], tuple[str, np.ndarray, int]] = {}
 
     def _check_metadata(self) -> None:
         expected = expected_metadata(self.manifest)
@@ -126,19 +125,19 @@ class ZarrReader(StoreReader):
     def _shard_index(self, name: str, shard: int) -> tuple[str, np.ndarray, int]:
         """(relative path, (records_per_shard, 2) offsets and lengths, where the index starts) of a field's shard;
         the index's crc32c is checked."""
-        (rel,) = [p for p in self.shard_files[shard] if p.startswith(f"{name}/")]
-        key = (name, shard)
-        if key not in self._indexes:
-            size = self.shard_files[shard][rel]["bytes"]
-            nbytes = self.records_per_shard * 16
-            if size < nbytes + 4:
-                raise CacheFormatError(f"{self.fs.where(rel)}: shorter than its shard index")
-            data = self.fs.read_range(rel, size - nbytes - 4, size)
-            if google_crc32c.value(data[:-4]).to_bytes(4, "little") != data[-4:]:
-                raise CacheFormatError(f"{self.fs.where(rel)}: shard index checksum mismatch (damaged shard)")
-            index = np.frombuffer(data[:-4], dtype="<u8").reshape(self.records_per_shard, 2)
-            self._indexes[key] = (rel, index, size - nbytes - 4)
-        return self._indexes[key]
+        return self.kept_index((name, shard), lambda: self._read_shard_index(name, shard))
+
+    def _read_shard_index(self, name: str, shard: int) -> tuple[str, np.ndarray, int]:
+        j = list(self.fields).index(name)  # the shard's files follow the fields' order (format.shard_paths)
+        rel, size = self.shards.paths(shard)[j], int(self.shards.sizes[shard, j])
+        nbytes = self.records_per_shard * 16
+        if size < nbytes + 4:
+            raise CacheFormatError(f"{self.fs.where(rel)}: shorter than its shard index")
+        data = self.fs.read_range(rel, size - nbytes - 4, size)
+        if google_crc32c.value(data[:-4]).to_bytes(4, "little") != data[-4:]:
+            raise CacheFormatError(f"{self.fs.where(rel)}: shard index checksum mismatch (damaged shard)")
+        index = np.frombuffer(data[:-4], dtype="<u8").reshape(self.records_per_shard, 2)
+        return rel, index, size - nbytes - 4
 
     def stored(self, name: str, row: int) -> bytes:
         """One record's field exactly as stored (its compressed chunk): for tools that time or inspect it."""
@@ -147,9 +146,9 @@ class ZarrReader(StoreReader):
         return self.fs.read_range(rel, offset, offset + length)
 
     def chunks(self):
-        for shard in range(len(self.shard_files)):
+        for shard in range(len(self.shards)):
             first = shard * self.records_per_shard
-            count = self.manifest["store"]["shards"][shard]["records"]
+            count = self.shards.records_of(shard)
             for name, spec in self.fields.items():
                 rel, index, data_end = self._shard_index(name, shard)
                 extents = [self._extent(rel, index, data_end, first + i, first, spec) for i in range(count)]

@@ -64,12 +64,12 @@ def parse_layers(spec: str | Sequence[int] | None, depth: int) -> list[int]:
                 else:
                     layers.append(int(part))
             except ValueError as exc:
-                raise AttncacheError(f"--layers {spec!r}: expected all, reference, or indices like 0,1,4-8") from exc
+                raise AttncacheError(f"`layers` {spec!r}: expected all, reference, or indices like 0,1,4-8") from exc
     else:
         layers = [int(i) for i in spec]
     bad = [i for i in layers if not 0 <= i < depth]
     if bad or not layers:
-        raise AttncacheError(f"--layers {spec!r}: layer indices must lie in 0..{depth - 1} (got {bad or 'none'})")
+        raise AttncacheError(f"`layers` {spec!r}: layer indices must lie in 0..{depth - 1} (got {bad or 'none'})")
     return sorted(set(layers))
 
 
@@ -80,7 +80,7 @@ class AttentionCapture:
 
     def __init__(self, model: nn.Module, layers: Sequence[int], payload: str = "probs"):
         if payload not in PAYLOADS:
-            raise AttncacheError(f"--payload {payload!r}: expected one of {PAYLOADS}")
+            raise AttncacheError(f"`payload` {payload!r}: expected one of {PAYLOADS}")
         self.model, self.layers, self.payload = model, list(layers), payload
         self._x: torch.Tensor | None = None
         self._q: torch.Tensor | None = None

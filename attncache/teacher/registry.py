@@ -127,7 +127,7 @@ def build_teacher(opts: TeacherOptions, device: str | torch.device = "cpu") -> t
     import timm
 
     if not opts.name:
-        raise AttncacheError("pass --teacher (an alias or a timm ViT name)")
+        raise AttncacheError("pass `teacher.name` (an alias or a timm ViT name)")
     model_name = resolve_name(opts.name)
     args = dict(opts.args)
     image_size = opts.image_size
@@ -142,20 +142,21 @@ def build_teacher(opts: TeacherOptions, device: str | torch.device = "cpu") -> t
 
     use_hub = opts.pretrained and opts.weights is None and opts.name != "demo"
     if use_hub:
-        require_hub(model_name)
+        require_hub(model_name, "`teacher.weights`")
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # a random-init teacher (tests, demo) is the same teacher on every run
             model = timm.create_model(model_name, pretrained=use_hub, num_classes=0, **args)
     except (OSError, RuntimeError, ValueError, TypeError, AssertionError) as exc:  # bad kwargs (TypeError), ...
-        hint = " (offline? pass --weights FILE)" if use_hub else ""
+        hint = " (offline? pass `teacher.weights` FILE)" if use_hub else ""
         detail = " ".join(str(exc).split())[:300]
         raise AttncacheError(f"cannot build teacher {model_name!r} with {args}: {detail}{hint}") from exc
     check_standard_vit(model, f"teacher {model_name!r}")
 
     source = "hub" if use_hub else "random"
     if opts.weights is not None:
-        load_state(model, read_state_dict(opts.weights), f"--weights {opts.weights}")
+        weights = "`teacher.weights`"
+        load_state(model, read_state_dict(opts.weights, weights), f"{weights} {opts.weights}")
         source = f"file:{Path(opts.weights).name}"
     model.eval().requires_grad_(False).to(device)
     return model, describe(model, model_name, source, {k: v for k, v in args.items() if k != "img_size"})

@@ -4,7 +4,8 @@ object store, verifying every file against the source manifest's size and sha256
 Resumable: a file already at DST with the right size and sha256 is kept (it is read back and hashed, so a damaged
 or half-written one from a killed copy is replaced); the manifest is written last, so DST is a cache only once
 every file it names is there and checked. Memory: one block (4 MiB) at a time; local disk: one file (each is
-streamed into a temporary file, checked, then written or uploaded).
+streamed into a temporary file, checked, then written or uploaded). No codec is built: the manifest's entries are
+all it needs, side files included, so a cache of a codec this attncache does not know copies too.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from ..cache import open_cache
+from ..cache import CacheFiles
 from ..errors import AttncacheError
 from ..files import stream_verified
 from ..store.format import MANIFEST, MAX_MANIFEST_BYTES, named_files
@@ -25,7 +26,7 @@ BLOCK = 4 << 20
 def copy_cache(src: str, dst: str, src_options: dict | None = None, dst_options: dict | None = None,
                manifest_sha256: str | None = None, on_file: Callable[[str, bool], None] | None = None) -> dict:
     """Returns {"files", "copied", "kept", "bytes"}; `on_file(path, copied)` is called after each file."""
-    cache = open_cache(src, src_options, manifest_sha256=manifest_sha256)
+    cache = CacheFiles(src, src_options, manifest_sha256=manifest_sha256)
     target = CacheFS(dst, dst_options)
     if target.http:
         raise AttncacheError(f"{dst}: an HTTP(S) server is read-only here; copy to a local directory or s3://")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..codecs import get_codec
+from ..codecs.inputs import PROJECTIONS
 from ..codecs.qk import QKCodec
 from ..errors import AttncacheError
 from ..teacher.capture import CaptureShape, parse_layers
@@ -120,7 +121,7 @@ def decode_flops(codec, shape: CaptureShape) -> float:
     layers, heads, n, d = shape
     if isinstance(codec, QKCodec):
         return float(layers * heads * 2 * n * n * codec.rank(shape))
-    if codec.needs_projections:
+    if PROJECTIONS in codec.side_files:
         dim = heads * d
         return float(layers * (2 * n * dim * 2 * dim + 2 * n * n * dim))
     return 0.0
@@ -137,7 +138,7 @@ def codec_spec(codec) -> str:
 def parse_codec(spec: str):
     """`lowrank:rank=32,bits=6` -> the codec (its params completed with the defaults)."""
     name, _, params = spec.partition(":")
-    return get_codec(name, **parse_kwargs([p for p in params.split(",") if p], "--codec"))
+    return get_codec(name, **parse_kwargs([p for p in params.split(",") if p], "`codec`"))
 
 
 def raw_bytes(codec, shape: CaptureShape) -> int:
@@ -170,7 +171,7 @@ def measured_ratio(cache: str | Path) -> dict:
         stored = sum(f["bytes"] for s in manifest["store"]["shards"] for f in s["files"])
         records = manifest["store"]["records"]
     except (OSError, ValueError, KeyError, TypeError) as exc:  # not a finished local cache
-        raise AttncacheError(f"--ratio-from {cache}: no readable manifest.json of a finished cache ({exc})") from exc
+        raise AttncacheError(f"`ratio_from` {cache}: no readable manifest.json of a finished cache ({exc})") from exc
     return {"codec": codec_spec(codec), "records": records, "shard_bytes": stored,
             "raw_bytes": records * raw_bytes(codec, shape), "ratio": stored / (records * raw_bytes(codec, shape))}
 
@@ -179,20 +180,20 @@ def ratio_from_cache(cache: str | Path, codecs: list[str], ratio: float | None,
                      bits_per_element: float | None) -> tuple[float, list[str]]:
     """`--ratio-from CACHE`: (its measured ratio, the codecs to plan: the cache's unless the same one was named)."""
     if ratio is not None or bits_per_element is not None:
-        raise AttncacheError("give --ratio-from, --ratio or --bits-per-element, not several")
+        raise AttncacheError("give `ratio_from`, `ratio` or `bits_per_element`, not several")
     measured = measured_ratio(cache)
     if codecs not in (["all"], []) and {codec_spec(parse_codec(c)) for c in codecs} != {measured["codec"]}:
-        raise AttncacheError(f"--ratio-from {cache}: a {measured['codec']} cache; its ratio is not --codec "
+        raise AttncacheError(f"`ratio_from` {cache}: a {measured['codec']} cache; its ratio is not `codec` "
                              f"{' '.join(codecs)}'s")
     return measured["ratio"], [measured["codec"]]
 
 
-def side_file_bytes(codec, layers: int, dim: int) -> int:
-    """Once-per-cache float32 files (docs/format.md): `teacher_qk.safetensors` (W_qk 2D×D + bias 2D per layer) for
-    codecs that recompute maps, `inputs_basis.safetensors` (mean D + D×D per layer) for inputs_klt. Their small
-    headers, q/k-norm parameters and the record tables (tens to hundreds of bytes per record) are left out."""
-    size = layers * (2 * dim * dim + 2 * dim) * 4 if codec.needs_projections else 0
-    return size + (layers * (dim + dim * dim) * 4 if codec.needs_basis else 0)
+def side_file_bytes(codec, shape: CaptureShape) -> int:
+    """The codec's once-per-cache side files (docs/format.md), each by its own estimate (`SideFile.nbytes`):
+    `teacher_qk.safetensors` (W_qk 2D×D + bias 2D per layer) for codecs that recompute maps,
+    `inputs_basis.safetensors` (mean D + D×D per layer) for inputs_klt. Their small headers, q/k-norm parameters
+    and the record tables (tens to hundreds of bytes per record) are left out."""
+    return sum(side.nbytes(shape) for side in codec.side_files)
 
 
 # -- the plan -------------------------------------------------------------------------------------------------------
@@ -216,13 +217,13 @@ class PlanInputs:
     def check(self) -> None:
         for name in ("images", "views", "epochs", "gpus_per_node"):
             if getattr(self, name) < 1:
-                raise AttncacheError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+                raise AttncacheError(f"`{name}` {getattr(self, name)}: must be >= 1")
         for name in ("images_per_s", "read_GBps_per_node", "ratio", "bits_per_element"):
             value = getattr(self, name)
             if value is not None and not value > 0:
-                raise AttncacheError(f"{name} {value}: must be > 0")
+                raise AttncacheError(f"`{name}` {value}: must be > 0")
         if self.ratio is not None and self.bits_per_element is not None:
-            raise AttncacheError("give --ratio or --bits-per-element, not both")
+            raise AttncacheError("give `ratio` or `bits_per_element`, not both")
 
 
 def plan(p: PlanInputs) -> dict:
@@ -257,10 +258,10 @@ def _codec_row(spec, p: PlanInputs, shape, teacher_flops, train_flops, flop_rate
         ratio, source = 1.0, "not measured: 1.0 assumed (no compression)"
     else:
         raise AttncacheError(f"codec {codec_spec(codec)!r}: no measured ratio (measured: "
-                             f"{', '.join(MEASURED_BYTES_PER_VIEW)}); pass --ratio or --bits-per-element")
+                             f"{', '.join(MEASURED_BYTES_PER_VIEW)}); pass `ratio` or `bits_per_element`")
     per_view = raw * ratio
     records = p.images * p.views
-    side = side_file_bytes(codec, shape.layers, shape.heads * shape.head_dim)
+    side = side_file_bytes(codec, shape)
     decode = decode_flops(codec, shape)
     read_per_gpu = per_view * p.images_per_s  # at the student's rate: an upper bound (decode slows it by decode/train)
     cached_ips = flop_rate / (train_flops + decode)
@@ -307,11 +308,11 @@ def fmt_si(x: float, unit: str = "") -> str:
 def explicit_geometry(depth: int | None, heads: int | None, embed_dim: int | None, patch: int | None,
                       image_size: int | None, prefix_tokens: int = 1, mlp_ratio: float = 4.0) -> Geometry | None:
     """`--depth --heads --embed-dim --patch [--image-size]` as a Geometry; None when none of the four is given."""
-    given = {"--depth": depth, "--heads": heads, "--embed-dim": embed_dim, "--patch": patch}
+    given = {"depth": depth, "heads": heads, "embed_dim": embed_dim, "patch": patch}
     if all(v is None for v in given.values()):
         return None
     if missing := [k for k, v in given.items() if v is None]:
-        raise AttncacheError(f"an explicit geometry needs {', '.join(missing)} too")
+        raise AttncacheError(f"an explicit geometry needs {', '.join(f'`{k}`' for k in missing)} too")
     return Geometry(depth, heads, embed_dim, patch, image_size or 224, prefix_tokens, mlp_ratio,
                     f"explicit depth {depth}, heads {heads}, width {embed_dim}, patch {patch}")
 

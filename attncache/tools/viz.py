@@ -42,9 +42,9 @@ def query_index(query: str, num_prefix: int, grid: int) -> tuple[int, tuple[int,
     try:
         x, y = (int(v) for v in query.split(","))
     except ValueError as exc:
-        raise AttncacheError(f"--query {query!r}: expected cls or a patch X,Y (0..{grid - 1})") from exc
+        raise AttncacheError(f"`query` {query!r}: expected cls or a patch X,Y (0..{grid - 1})") from exc
     if not (0 <= x < grid and 0 <= y < grid):
-        raise AttncacheError(f"--query {query!r}: the patch grid is {grid}x{grid}")
+        raise AttncacheError(f"`query` {query!r}: the patch grid is {grid}x{grid}")
     return num_prefix + y * grid + x, (x, y)
 
 
@@ -58,7 +58,7 @@ def figure(pixels: torch.Tensor, panels: list[Panel], layers: list[int], heads: 
 
     if len(layers) * len(heads) * len(panels) > MAX_CELLS:
         raise AttncacheError(f"{len(layers)} layers x {len(heads)} heads x {len(panels)} panels: too many cells "
-                             f"for one picture (at most {MAX_CELLS}); choose --layers / --heads")
+                             f"for one picture (at most {MAX_CELLS}); choose `layers` / `heads`")
     token, patch = query_index(query, num_prefix, grid)
     image = (pixels * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)).clamp(0, 1)
     image = image.permute(1, 2, 0).numpy()
@@ -103,22 +103,22 @@ def visualize(out: str | Path, *, cache: str | None = None, key: str | None = No
     from ..views import render
 
     if (cache is None) == (image is None):
-        raise AttncacheError("pass --cache (a cached view) or --image (a live teacher), not both")
+        raise AttncacheError("pass `cache` (a cached view) or `image` (a live teacher), not both")
     if cache is not None:
         pixels, maps, spec, caption = _cached_view(cache, key, view, data, storage_options)
         chosen = parse_layers(layers, spec.depth) if layers else list(maps[1])  # default: the layers it holds
         missing = [i for i in chosen if i not in maps[1]]
         if missing:
-            raise AttncacheError(f"--cache {cache}: holds layers {maps[1]}, not {missing}")
+            raise AttncacheError(f"`cache` {cache}: holds layers {maps[1]}, not {missing}")
         teacher_maps = maps[0][[maps[1].index(i) for i in chosen]]
         if teacher_maps.shape[-2] == 1 and query != "cls":
-            raise AttncacheError(f"--cache {cache}: keeps only the [CLS] query rows; use --query cls")
+            raise AttncacheError(f"`cache` {cache}: keeps only the [CLS] query rows; use `query` cls")
     else:
         from ..sources import open_image
         from ..views import ViewPolicy
 
         if teacher is None or teacher.name is None:
-            raise AttncacheError("--image needs --teacher (and --weights, or hub weights)")
+            raise AttncacheError("`image` needs `teacher.name` (and `teacher.weights`, or hub weights)")
         model, spec = teacher.build()
         data_bytes = _read(image)
         img = open_image(data_bytes, image)
@@ -141,7 +141,7 @@ def _read(path: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
-        raise AttncacheError(f"--image {path}: cannot read ({exc.strerror})") from exc
+        raise AttncacheError(f"`image` {path}: cannot read ({exc.strerror})") from exc
 
 
 def _heads(spec: str | None, num_heads: int) -> list[int]:
@@ -152,7 +152,7 @@ def _heads(spec: str | None, num_heads: int) -> list[int]:
     try:
         return parse_layers(spec, num_heads)
     except AttncacheError as exc:
-        raise AttncacheError(str(exc).replace("--layers", "--heads").replace("layer", "head")) from exc
+        raise AttncacheError(str(exc).replace("`layers`", "`heads`").replace("layer", "head")) from exc
 
 
 def _cached_view(root: str, key: str | None, view: int, data: str | None, storage_options: dict | None):
@@ -172,7 +172,7 @@ def _cached_view(root: str, key: str | None, view: int, data: str | None, storag
     embedded = cache.manifest["store"]["embed_images"]
     source = open_source(data, "train") if data else None
     if not embedded and source is None:
-        raise AttncacheError(f"--cache {root} does not embed images: pass --data")
+        raise AttncacheError(f"`cache` {root} does not embed images: pass `data`")
 
     def image_of(k: str):
         index = cache.row(k, 0)
@@ -195,7 +195,7 @@ def _student_maps(checkpoint: str, pixels: torch.Tensor, layers: list[int], teac
 
     student = TrainedStudent(checkpoint, "model", "cpu")
     if student.teacher.image_size != teacher.image_size or student.teacher.num_heads != teacher.num_heads:
-        raise AttncacheError(f"--checkpoint {checkpoint}: its student does not see this teacher's views")
+        raise AttncacheError(f"`checkpoint` {checkpoint}: its student does not see this teacher's views")
     with torch.no_grad():
         _, recorded = student_forward(student.model, pixels[None], layers, "record")
     return torch.stack([r[0].softmax(-1) for r in recorded])

@@ -5,7 +5,7 @@ RUN/config.json          what decides the result (options, caches, student, teac
 RUN/metrics.jsonl        one JSON object per line: train windows and evaluations
 RUN/checkpoints/last.pt  written atomically: model, optimizer, EMA, every rank's RNG (CPU, and its training
                          device's CUDA generator), position, metrics line count, log window (summed over ranks)
-RUN/model.safetensors    the final student (ema.safetensors with --ema)
+RUN/model.safetensors    the final student (ema.safetensors with `ema`)
 RUN/results.json         written last: the run is finished
 ```
 
@@ -104,7 +104,7 @@ def check_checkpoint_room(run: Path, model: torch.nn.Module, ema: bool) -> None:
     if free < needed:
         raise DiskFullError(f"{run / CHECKPOINT}: a checkpoint of this run takes about {needed:,} bytes (model, "
                             f"optimizer{', EMA' if ema else ''}), its filesystem has {free:,} free; free some space "
-                            "or choose another --out")
+                            "or choose another `out`")
 
 
 def device_rng_state(device: torch.device) -> list[torch.Tensor]:
@@ -143,5 +143,5 @@ def load_checkpoint(run: Path, steps_per_epoch: int, world_size: int = 1) -> dic
                              f"(this one has {world_size}): each rank's drop-path randomness is in it")
     if state["steps_per_epoch"] != steps_per_epoch:
         raise AttncacheError(f"{path}: written with {state['steps_per_epoch']} steps per epoch, this run has "
-                             f"{steps_per_epoch}; the data changed under the run: choose another --out")
+                             f"{steps_per_epoch}; the data changed under the run: choose another `out`")
     return {**state, "position": position, "window": window}

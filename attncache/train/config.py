@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..device import parse_device
-from ..errors import AttncacheError
+from ..errors import ConfigError
 from ..teacher import TeacherOptions
 from ..views import Augmentation
 from .modes import get_mode
@@ -19,7 +19,7 @@ RUNTIME_OPTIONS = ("progress", "max_steps", "log_every", "save_every", "workers"
 class TrainConfig:
     mode: str
     out: str
-    cache: str | None = None  # train cache (maps + views); without it, views are drawn live from --data
+    cache: str | None = None  # train cache (maps + views); without it, views are drawn live from `data`
     data: str | None = None  # train images, joined to the cache by key (not needed with embedded images)
     val_cache: str | None = None
     val_data: str | None = None
@@ -44,7 +44,7 @@ class TrainConfig:
     drop_path: float = 0.0
     clip_grad: float | None = None
     ema: float | None = None  # EMA decay, e.g. 0.9999
-    # Augmentation of live views (no --cache). A cache's views carry their own; given with a cache, it must match.
+    # Augmentation of live views (no `cache`). A cache's views carry their own; given with a cache, it must match.
     augment: Augmentation = field(default_factory=Augmentation)
     seed: int = 0
     device: str = "cpu"
@@ -59,26 +59,24 @@ class TrainConfig:
 
 def check_options(cfg: TrainConfig) -> None:
     mode = get_mode(cfg.mode)
-    for name in ("epochs", "batch_size", "log_every"):
-        if getattr(cfg, name) < 1:
-            raise AttncacheError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 1")
-    for name in ("max_steps", "save_every"):
+    for name in ("epochs", "batch_size", "log_every", "max_steps", "save_every"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            raise AttncacheError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 1")
+            raise ConfigError(f"`{name}` {getattr(cfg, name)}: must be >= 1")
     if cfg.workers < 0:
-        raise AttncacheError(f"--workers {cfg.workers}: must be >= 0")
+        raise ConfigError(f"`workers` {cfg.workers}: must be >= 0")
     if not 0 <= cfg.drop_path < 1:
-        raise AttncacheError(f"--drop-path {cfg.drop_path}: expected 0 <= p < 1")
+        raise ConfigError(f"`drop_path` {cfg.drop_path}: expected 0 <= p < 1")
     if cfg.layer_decay is not None and not 0 < cfg.layer_decay <= 1:
-        raise AttncacheError(f"--layer-decay {cfg.layer_decay}: expected 0 < decay <= 1")
+        raise ConfigError(f"`layer_decay` {cfg.layer_decay}: expected 0 < decay <= 1")
     if cfg.ema is not None and not 0 < cfg.ema < 1:
-        raise AttncacheError(f"--ema {cfg.ema}: expected a decay in (0, 1)")
-    parse_device(cfg.device)
+        raise ConfigError(f"`ema` {cfg.ema}: expected a decay in (0, 1)")
+    parse_device(cfg.device, "`device`")
     if cfg.teacher.name is None and cfg.teacher.weights is not None and not mode.starts_from_teacher:
-        raise AttncacheError(f"--weights without --teacher: --mode {cfg.mode} takes the teacher's maps from "
-                             "--cache and does not start from its weights (pass --teacher too for a live teacher)")
+        raise ConfigError(f"`teacher.weights` without `teacher.name`: `mode` {cfg.mode} takes the teacher's maps "
+                          "from `cache` and does not start from its weights (name the teacher too for a live one)")
     if mode.needs_maps and cfg.cache is None and cfg.teacher.name is None:
-        raise AttncacheError(f"--mode {cfg.mode} needs teacher maps: pass --cache (or --teacher for a live teacher)")
+        raise ConfigError(f"`mode` {cfg.mode} needs teacher maps: pass `cache` (or `teacher.name` for a live "
+                          "teacher)")
     if mode.starts_from_teacher and cfg.teacher.weights is None and not cfg.teacher.pretrained:
-        raise AttncacheError(f"--mode {cfg.mode} starts from the teacher's weights: pass --weights FILE "
-                             "(or drop --no-pretrained to download them)")
+        raise ConfigError(f"`mode` {cfg.mode} starts from the teacher's weights: pass `teacher.weights` (or turn "
+                          "`teacher.pretrained` on to download them)")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..distributed import World
-from ..errors import AttncacheError, RunInterrupted
+from ..errors import AttncacheError, ConfigError, RunInterrupted
 from ..files import AppendLog, atomic_write_bytes, atomic_write_json
 from ..teacher import drop_path_masks
 from .checkpoint import (
@@ -93,7 +93,7 @@ class Engine:
         self.train_stream, self.val_stream = train_stream, val_stream
         self.steps_per_epoch = train_stream.batches_per_epoch()
         if self.steps_per_epoch == 0:
-            raise AttncacheError(f"--batch-size {cfg.batch_size}: larger than the training set "
+            raise ConfigError(f"`batch_size` {cfg.batch_size}: larger than the training set "
                                  f"({len(train_stream.epoch_items(0))} images per epoch)")
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.use_amp = cfg.amp and device.type == "cuda"
@@ -108,7 +108,7 @@ class Engine:
     # -- one step ------------------------------------------------------------------------------------------------
 
     def init_state(self) -> None:
-        """The optimizer (AdamW; no weight decay on biases, norms, position embeddings, tokens; with --layer-decay,
+        """The optimizer (AdamW; no weight decay on biases, norms, position embeddings, tokens; with `layer_decay`,
         timm's per-layer lr scales) and the EMA."""
         from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
@@ -182,7 +182,7 @@ class Engine:
     # -- the run -------------------------------------------------------------------------------------------------
 
     def fit(self, resume: bool) -> dict:
-        """Train from the start or from the checkpoint to the end (or to --max-steps, or to a signal)."""
+        """Train from the start or from the checkpoint to the end (or to `max_steps`, or to a signal)."""
         cfg = self.cfg
         self.init_state()
         self.log = AppendLog(self.out / METRICS) if self.world.is_main else NoLog()  # rank 0 writes the metrics

@@ -17,7 +17,7 @@ depend on the number of workers, and resuming at batch `start` of an epoch is ex
 progress was (and with any worker count). Workers are persistent: the main process sets (epoch, start) in shared
 memory before each `iter(loader)`, and the workers' stores stay open across epochs.
 
-Each record's image is joined by key from `--data` (or taken from the cache when it carries the images), checked
+Each record's image is joined by key from `data` (or taken from the cache when it carries the images), checked
 against the sha256 recorded at extraction, and rendered with the same `views.render` as extraction; a mixed view's
 partner image is read and checked the same way, and the batch carries the partner labels and lambdas the labels
 are mixed with. Maps leave the
@@ -78,6 +78,7 @@ class ViewStream(IterableDataset):
         self._key_index: dict[str, int] | None = None  # live views: mixing partners by key, built on first use
         self.drop_last = shuffle if drop_last is None else drop_last
         self._position = [0, 0]  # (epoch, first batch); shared memory once a multi-process loader is made
+        self._shared_items = None  # this rank's items of the epoch, in shared memory for the loader's workers
 
     def keys(self) -> list[str]:
         """Every sample's key, in sample order."""
@@ -98,8 +99,13 @@ class ViewStream(IterableDataset):
         return self._samples[self._key_index[view.mix.partner]]
 
     def set_position(self, epoch: int, start: int = 0) -> None:
-        """The next iteration yields `epoch`'s batches from index `start` on (set before `iter(loader)`)."""
+        """The next iteration yields `epoch`'s batches from index `start` on (set before `iter(loader)`). With
+        workers, the epoch's plan is drawn here, once, into memory they share: not once per worker (an ImageNet
+        epoch's order is 10 MB and 0.1 s, which 8 workers per rank would each hold and draw)."""
         self._position[0], self._position[1] = epoch, start
+        if self._shared_items is not None:
+            items = self.rank_items(epoch)
+            np.frombuffer(self._shared_items, np.int64)[:len(items)] = items
 
     # -- what to read ----------------------------------------------------------------------------------------
 
@@ -139,21 +145,28 @@ class ViewStream(IterableDataset):
         keys = (np.arange(len(ordered)) + shift) // window + rng.random(len(ordered))
         return ordered[np.argsort(keys, kind="stable")]
 
+    def rank_items(self, epoch: int) -> np.ndarray:
+        """This rank's items of `epoch` in training order: its batches are consecutive slices of `batch_size`."""
+        order = self.order(epoch)
+        return order[self.rank:self._usable(len(order)):self.world_size]
+
+    def _usable(self, items: int) -> int:
+        step = self.batch_size * self.world_size
+        return items // step * step if self.drop_last else items
+
+    def _rank_count(self) -> int:
+        """How many items this rank has in every epoch (arithmetic: an epoch always has the same number)."""
+        items = self.cache.num_samples if self.cache is not None else len(self._samples)  # = len(epoch_items)
+        return len(range(self.rank, self._usable(items), self.world_size))
+
     def plan(self, epoch: int) -> list[np.ndarray]:
         """This rank's batches (arrays of items) of `epoch`, in training order."""
-        order = self.order(epoch)
-        step = self.batch_size * self.world_size
-        usable = len(order) // step * step if self.drop_last else len(order)
-        mine = order[self.rank:usable:self.world_size]
+        mine = self.rank_items(epoch)
         return [mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
 
     def batches_per_epoch(self) -> int:
         """The same for every epoch (and, with drop_last, every rank): arithmetic, no plan is drawn."""
-        items = self.cache.num_samples if self.cache is not None else len(self._samples)
-        if self.drop_last:
-            return items // (self.batch_size * self.world_size)
-        mine = len(range(self.rank, items, self.world_size))
-        return -(-mine // self.batch_size)
+        return -(-self._rank_count() // self.batch_size)
 
     # -- reading -----------------------------------------------------------------------------------------------
 
@@ -162,9 +175,13 @@ class ViewStream(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch, start = int(self._position[0]), int(self._position[1])
         try:
-            batches = self.plan(epoch)
-            for index in range(start + worker, len(batches), num_workers):
-                yield {**self.load(epoch, batches[index].tolist()), "epoch": epoch, "index": index}
+            if self._shared_items is not None:  # drawn by the training process (set_position)
+                mine = np.frombuffer(self._shared_items, np.int64)[:self._rank_count()]
+            else:
+                mine = self.rank_items(epoch)
+            for index in range(start + worker, -(-len(mine) // self.batch_size), num_workers):
+                batch = mine[index * self.batch_size:(index + 1) * self.batch_size]
+                yield {**self.load(epoch, batch.tolist()), "epoch": epoch, "index": index}
         except AttncacheError as exc:  # reported by the training process as a one-line error
             yield {"error": str(exc)}
 
@@ -243,6 +260,8 @@ def make_loader(stream: ViewStream, workers: int, pin_memory: bool = False) -> D
     ctx = _worker_context()
     epoch, start = stream._position
     stream._position = ctx.Array("q", [epoch, start], lock=False)
+    stream._shared_items = ctx.RawArray("q", max(1, stream._rank_count()))
+    stream.set_position(epoch, start)
     return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory, generator=generator,
                       multiprocessing_context=ctx, persistent_workers=True, prefetch_factor=4)
 
@@ -275,11 +294,11 @@ def eval_stream(val_cache: Cache | None, source: Source | None, teacher, num_cla
         return None
     common = dict(render_spec=RenderSpec.of(teacher), batch_size=batch_size, shuffle=False, source=source)
     if val_cache is not None:
-        check_images(val_cache, source, "--val-cache", "--val-data")
+        check_images(val_cache, source, "val_cache", "val_data")
         stream = ViewStream(cache=val_cache, with_maps=with_maps, **common)
         low, high = val_cache.label_range()
         if not 0 <= low <= high < num_classes:
-            raise AttncacheError(f"--val-cache {val_cache.root}: labels {low}..{high}, outside the {num_classes} "
+            raise AttncacheError(f"`val_cache` {val_cache.root}: labels {low}..{high}, outside the {num_classes} "
                                  "training classes")
     else:
         samples = [s.to_json() for s in source.scan()]
@@ -294,25 +313,33 @@ def eval_stream(val_cache: Cache | None, source: Source | None, teacher, num_cla
 SPOT_CHECKS = 8  # images hashed before a run starts (the rest are checked as they are read)
 
 
-def check_images(cache: Cache, source: Source | None, cache_flag: str, data_flag: str) -> None:
-    """Before training: every cached key is found in `source`, and a few of them hash to what was extracted."""
+def check_images(cache: Cache, source: Source | None, cache_option: str, data_option: str) -> None:
+    """Before training: every cached key is found in `source`, and a few of them hash to what was extracted.
+    The options are the names of the ones that gave the cache and the source (`cache` and `data`)."""
     if cache.manifest["store"]["embed_images"]:
         return
     if source is None:
-        raise AttncacheError(f"{cache_flag} {cache.root} does not embed images: pass {data_flag}")
-    missing = 0
-    for keys in cache.iter_keys():  # a chunk of keys at a time
-        absent = source.missing_keys(keys)
-        if absent and not missing:
-            example = absent[0]
+        raise AttncacheError(f"`{cache_option}` {cache.root} does not embed images: pass `{data_option}`")
+    # The cache's key index against the source's, as two sorted arrays of key hashes (a chunk of the cache's at a
+    # time): 1.28M ImageNet keys cost ~0.1 s, not ~10 s of a lookup per key. A hash that matches another key
+    # could only pass a missing image here; training checks each image's sha256 when it reads it.
+    have = source.key_hashes()
+    missing, first = 0, cache.num_samples  # how many are absent, and the first of them in sample order
+    for rows in cache.records.iter_key_hashes():
+        at = np.minimum(np.searchsorted(have, rows["hash"]), max(0, len(have) - 1))
+        absent = np.flatnonzero(have[at] != rows["hash"]) if len(have) else np.arange(len(rows))
+        if len(absent):
+            first = min(first, int(rows["sample"][absent].min()))
         missing += len(absent)
     if missing:
-        raise AttncacheError(f"{data_flag} {source.description}: {missing} cached image(s) not found, "
+        example = cache.sample_at(first)["key"]
+        raise AttncacheError(f"`{data_option}` {source.description}: {missing} cached image(s) not found, "
                              f"e.g. {example!r}")
     n = cache.num_samples
     spread = np.linspace(0, n - 1, min(SPOT_CHECKS, n)).astype(int)
     for i in sorted(set(spread.tolist())):
         sample = cache.sample_at(i)
         if hashlib.sha256(source.read_key(sample["key"])).hexdigest() != sample["sha256"]:
-            raise AttncacheError(f"{data_flag} {source.where(sample['key'])}: differs from the image {cache_flag} "
-                                 f"{cache.root} was extracted from (sha256 mismatch): wrong {data_flag}?")
+            raise AttncacheError(f"`{data_option}` {source.where(sample['key'])}: differs from the image "
+                                 f"`{cache_option}` {cache.root} was extracted from (sha256 mismatch): wrong "
+                                 f"`{data_option}`?")

@@ -76,8 +76,8 @@ MODES: dict[str, Mode] = {m.name: m for m in (
 
 
 def get_mode(name: str) -> Mode:
-    from ..errors import AttncacheError
+    from ..errors import ConfigError
 
     if name not in MODES:
-        raise AttncacheError(f"--mode {name!r}: expected one of {', '.join(MODES)}")
+        raise ConfigError(f"`mode` {name!r}: expected one of {', '.join(MODES)}")
     return MODES[name]

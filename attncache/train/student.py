@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from torch import nn
 
-from ..errors import AttncacheError
+from ..errors import AttncacheError, ConfigError
 from ..teacher import (
     TeacherSpec,
     check_standard_vit,
@@ -123,19 +123,19 @@ def create_student(spec: StudentSpec, seed: int = 0) -> nn.Module:
     import timm
 
     if not timm.is_model(spec.model.split(".")[0]):
-        raise AttncacheError(f"--student {spec.model!r}: not a timm model name")
+        raise AttncacheError(f"`student` {spec.model!r}: not a timm model name")
     kwargs = dict(pretrained=False, num_classes=spec.num_classes, img_size=spec.image_size,
                   drop_path_rate=spec.drop_path, **spec.model_args)
     try:
         with torch.device("meta"):  # the architecture as timm builds it, checked before anything is allocated
             shell = timm.create_model(spec.model, **kwargs)
-        check_standard_vit(shell, f"--student {spec.model!r}")
+        check_standard_vit(shell, f"`student` {spec.model!r}")
         check_size(shell, spec)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return timm.create_model(spec.model, attn_layer=TransferAttention, **kwargs)
     except (RuntimeError, ValueError, TypeError, AssertionError) as exc:
-        raise AttncacheError(f"--student {spec.model!r}: cannot build with {spec.model_args} ({exc})") from exc
+        raise AttncacheError(f"`student` {spec.model!r}: cannot build with {spec.model_args} ({exc})") from exc
 
 
 BYTES_PER_TRAINED_PARAM = 16  # fp32 weights, gradients and AdamW's two moments
@@ -154,7 +154,7 @@ def max_student_params() -> int:
 def check_size(shell: nn.Module, spec: StudentSpec) -> None:
     params = sum(p.numel() for p in shell.parameters())
     if params > max_student_params():
-        raise AttncacheError(f"--student {spec.model!r} with {spec.model_args or 'its defaults'} and "
+        raise AttncacheError(f"`student` {spec.model!r} with {spec.model_args or 'its defaults'} and "
                              f"{spec.num_classes} classes has {params / 1e6:,.0f}M parameters: more than this "
                              f"machine can train ({max_student_params() / 1e6:,.0f}M at {BYTES_PER_TRAINED_PARAM} "
                              "bytes each; set ATTNCACHE_MAX_PARAMS to allow)")
@@ -168,26 +168,26 @@ def check_geometry(student: nn.Module, spec: StudentSpec, teacher: TeacherSpec, 
     if layers and max(layers) >= got["depth"]:
         problems.insert(0, f"{got['depth']} layers (needs layer {max(layers)})")
     if problems:
-        raise AttncacheError(f"--student {spec.model!r} does not fit the maps of {where} "
+        raise AttncacheError(f"`student` {spec.model!r} does not fit the maps of {where} "
                              f"(teacher {teacher.model}): " + "; ".join(problems))
 
 
 def teacher_state(weights: str | None, pretrained: bool, teacher: TeacherSpec, mode: Mode) -> dict:
-    """The teacher's weights a gta/finetune student starts from: `--weights`, else the hub (checked to be
+    """The teacher's weights a gta/finetune student starts from: `teacher.weights`, else the hub (checked to be
     reachable at once), else a one-line error (never a minute of retries)."""
     import timm
 
     if weights is not None:
         return read_state_dict(weights)
     if not pretrained:
-        raise AttncacheError(f"--mode {mode.name} starts from the teacher's weights: pass --weights FILE "
-                             "(or drop --no-pretrained to download them)")
+        raise ConfigError(f"`mode` {mode.name} starts from the teacher's weights: pass `teacher.weights` (or turn "
+                          "`teacher.pretrained` on to download them)")
     require_hub(teacher.model)
     try:
         return timm.create_model(teacher.model, pretrained=True, num_classes=0, img_size=teacher.image_size,
                                  **teacher.model_args).state_dict()
     except Exception as exc:  # noqa: BLE001 - unknown tag, a download that failed midway, ...
-        raise AttncacheError(f"--mode {mode.name} starts from the teacher's weights: pass --weights FILE "
+        raise AttncacheError(f"`mode` {mode.name} starts from the teacher's weights: pass `teacher.weights` "
                              f"(hub download of {teacher.model!r} failed: {exc})") from exc
 
 

@@ -17,9 +17,9 @@ import torch
 from ..cache import Cache, open_cache
 from ..device import parse_device
 from ..distributed import World
-from ..errors import AttncacheError
+from ..errors import AttncacheError, ConfigError
 from ..files import StrictJSONError, read_json
-from ..rundir import FINISHED, NEW, RESUME, RunDir
+from ..rundir import FINISHED, RESUME, RunDir
 from ..sources import open_source
 from ..teacher import TeacherSpec, geometry_differences, parse_layers
 from ..views import Augmentation, ViewPolicy
@@ -60,21 +60,21 @@ class Trainer:
         """`evaluate=False` (benchmarks) builds no val stream and needs no val cache."""
         check_options(cfg)
         self.cfg, self.mode = cfg, get_mode(cfg.mode)
-        self.out, self.device = Path(cfg.out), parse_device(cfg.device)
+        self.out, self.device = Path(cfg.out), parse_device(cfg.device, "`device`")
         self.world = World.from_env(self.device)  # torchrun: DDP over its ranks; alone: one process
         self.device = self.world.device(self.device)
         if cfg.batch_size % self.world.size:
-            raise AttncacheError(f"--batch-size {cfg.batch_size} is the global batch: it must divide evenly over "
-                                 f"the {self.world.size} ranks")
-        self.cache = self._open_cache(cfg.cache, "--cache")
-        self.val_cache = self._open_cache(cfg.val_cache, "--val-cache")
+            raise ConfigError(f"`batch_size` {cfg.batch_size} is the global batch: it must divide evenly over "
+                              f"the {self.world.size} ranks")
+        self.cache = self._open_cache("cache")
+        self.val_cache = self._open_cache("val_cache")
         self.live_teacher, self.teacher = self._teacher()
         self.layers = self._transfer_layers()
-        for cache, flag in ((self.cache, "--cache"), (self.val_cache, "--val-cache")):
+        for cache, option in ((self.cache, "cache"), (self.val_cache, "val_cache")):
             if cache is not None:
                 needs_maps = self.mode.needs_maps and self.live_teacher is None and (
-                    flag == "--cache" or self.mode.eval_with_maps)
-                check_cache_serves(cache, flag, self.teacher, self.layers, self.mode, needs_maps)
+                    option == "cache" or self.mode.eval_with_maps)
+                check_cache_serves(cache, option, self.teacher, self.layers, self.mode, needs_maps)
         self.train_stream, self.num_classes = self._train_stream()
         self.teacher_drop_path = self._teacher_drop_path()
         self.val_stream = self._val_stream() if evaluate and self.world.is_main else None  # rank 0 evaluates
@@ -86,20 +86,22 @@ class Trainer:
 
     # -- setup -----------------------------------------------------------------------------------------------
 
-    def _open_cache(self, root: str | None, flag: str) -> Cache | None:
+    def _open_cache(self, option: str) -> Cache | None:
+        """The cache the option `option` names, if any; its errors say which option it was."""
+        root = getattr(self.cfg, option)
         if root is None:
             return None
         try:
             return open_cache(root, self.cfg.storage_options)
         except AttncacheError as exc:
-            raise AttncacheError(f"{flag} {exc}") from exc
+            raise AttncacheError(f"`{option}` {exc}") from exc
 
     def _teacher(self) -> tuple[torch.nn.Module | None, TeacherSpec]:
         cache, opts = self.cache, self.cfg.teacher
         if opts.name is None:
             if cache is None:
-                raise AttncacheError("pass --cache (or --teacher for a live teacher): the student copies the "
-                                     "teacher's architecture")
+                raise ConfigError("pass `cache` (or `teacher.name` for a live teacher): the student copies the "
+                                  "teacher's architecture")
             return None, cache.teacher
         live = self.mode.needs_maps  # scratch/finetune only need the architecture
         opts = replace(opts, image_size=opts.image_size or (cache.teacher.image_size if cache else None),
@@ -107,7 +109,7 @@ class Trainer:
                        pretrained=opts.pretrained and live)
         model, spec = opts.build(self.device)
         if cache is not None:
-            same_geometry(spec, cache.teacher, "--teacher", "--cache")
+            same_geometry(spec, cache.teacher, "`teacher.name`", "`cache`")
         return (model if live else None), spec
 
     def _transfer_layers(self) -> list[int]:
@@ -126,17 +128,17 @@ class Trainer:
                       world_size=self.world.size)
         if self.cache is not None:
             check_augmentation(self.cache, cfg.augment)
-            check_images(self.cache, source, "--cache", "--data")
+            check_images(self.cache, source, "cache", "data")
             stream = ViewStream(cache=self.cache, with_maps=self.live_teacher is None and self.mode.needs_maps,
                                 **common)
             classes = self.cache.manifest["dataset"]["classes"]
             low, high = self.cache.label_range()
             if low < 0:
-                raise AttncacheError(f"--cache {self.cache.root}: training needs labels, and some samples have "
+                raise AttncacheError(f"`cache` {self.cache.root}: training needs labels, and some samples have "
                                      "none (extract from class folders)")
             return stream, max(len(classes), 1 + high)
         if source is None:
-            raise AttncacheError("pass --data (train images) or --cache")
+            raise ConfigError("pass `data` (train images) or `cache`")
         samples = [s.to_json() for s in source.scan()]
         stream = ViewStream(samples=samples, policy=ViewPolicy(split="train", augment=cfg.augment),
                             depth=self.teacher.depth, **common)
@@ -152,15 +154,15 @@ class Trainer:
         policy = self.cache.policy if self.cache is not None else self.train_stream.policy
         rate = policy.augment.teacher_drop_path
         if rate and self.mode.needs_maps and self.cfg.drop_path != rate:
-            raise AttncacheError(f"the training views carry the teacher's drop-path masks at rate {rate}: train "
-                                 f"with --drop-path {rate} (got {self.cfg.drop_path})")
+            raise ConfigError(f"the training views carry the teacher's drop-path masks at rate {rate}: train "
+                              f"with `drop_path` {rate} (got {self.cfg.drop_path})")
         return rate
 
     def _val_stream(self) -> ViewStream | None:
         cfg = self.cfg
         if self.mode.eval_with_maps and self.val_cache is None and self.live_teacher is None:
-            raise AttncacheError(f"{self.mode.name} mode evaluates with the teacher's maps of the eval views: pass "
-                                 "--val-cache (extracted with --split val)")
+            raise ConfigError(f"{self.mode.name} mode evaluates with the teacher's maps of the eval views: pass "
+                              "`val_cache` (a cache extracted from the val split)")
         source = open_source(cfg.val_data, "val") if cfg.val_data else None
         return eval_stream(self.val_cache, source, self.teacher, self.num_classes, cfg.batch_size,
                            with_maps=self.mode.eval_with_maps and self.live_teacher is None)
@@ -172,10 +174,11 @@ class Trainer:
         check_geometry(model, spec, self.teacher, self.layers, cfg.cache or cfg.teacher.name or "the teacher")
         if self.mode.starts_from_teacher:
             state = teacher_state(cfg.teacher.weights, cfg.teacher.pretrained, self.teacher, self.mode)
-            start_sha256 = load_pretrained(model, state, f"--weights {cfg.teacher.weights or self.teacher.model}")
+            where = f"`teacher.weights` {cfg.teacher.weights or self.teacher.model}"
+            start_sha256 = load_pretrained(model, state, where)
             if self.mode.needs_maps and self.live_teacher is None and start_sha256 != self.teacher.weights_sha256:
                 raise AttncacheError(
-                    f"--mode {self.mode.name} regularises towards the model it starts from, but --weights "
+                    f"`mode` {self.mode.name} regularises towards the model it starts from, but `teacher.weights` "
                     f"({start_sha256[:12]}) are not the weights that made the maps "
                     f"({self.teacher.weights_sha256[:12]})")
         return model.to(self.device), spec
@@ -213,11 +216,11 @@ class Trainer:
                     if state != FINISHED:
                         check_checkpoint_room(self.out, self.model, self.cfg.ema is not None)
                 except AttncacheError as exc:
-                    self.world.broadcast(str(exc))
+                    self.world.broadcast(exc)
                     raise
             state = self.world.broadcast(state)
-            if state not in (NEW, RESUME, FINISHED):
-                raise AttncacheError(state)  # rank 0's error
+            if isinstance(state, AttncacheError):
+                raise state  # rank 0's error, of its type (a ConfigError is spelled as options on every rank)
             if state == FINISHED:
                 try:
                     return read_json(self.out / RESULTS)
@@ -235,37 +238,38 @@ def check_augmentation(cache: Cache, wanted: Augmentation) -> None:
     if wanted.enabled and wanted != held:
         diff = [f"{k} {getattr(held, k)!r} (asked: {getattr(wanted, k)!r})" for k in vars(wanted)
                 if getattr(held, k) != getattr(wanted, k)]
-        raise AttncacheError(f"--cache {cache.root}: its views were drawn with other augmentation: "
-                             f"{'; '.join(diff)}. Extract a cache with that augmentation (e.g. `attncache extract "
-                             "--recipe ...`), or drop the augmentation options: a cache's views carry their own")
+        raise AttncacheError(f"`cache` {cache.root}: its views were drawn with other augmentation: "
+                             f"{'; '.join(diff)}. Extract a cache with that augmentation (with the same `recipe`, "
+                             "say), or drop the augmentation options: a cache's views carry their own")
 
 
-def same_geometry(a: TeacherSpec, b: TeacherSpec, flag_a: str, flag_b: str) -> None:
+def same_geometry(a: TeacherSpec, b: TeacherSpec, what_a: str, what_b: str) -> None:
     diff = geometry_differences(vars(a), vars(b))
     if diff:
-        raise AttncacheError(f"{flag_a} and {flag_b} have different teacher geometry: " + "; ".join(diff))
+        raise AttncacheError(f"{what_a} and {what_b} have different teacher geometry: " + "; ".join(diff))
 
 
-def check_cache_serves(cache: Cache, flag: str, teacher: TeacherSpec, layers: list[int], mode: Mode,
+def check_cache_serves(cache: Cache, option: str, teacher: TeacherSpec, layers: list[int], mode: Mode,
                        needs_maps: bool) -> None:
-    """Does this cache hold what the run consumes from it (same teacher, the layers, the payload)?"""
-    same_geometry(cache.teacher, teacher, flag, "the teacher")
+    """Does the cache of option `option` hold what the run consumes from it (same teacher, the layers, the
+    payload)?"""
+    named = f"`{option}` {cache.root}"
+    same_geometry(cache.teacher, teacher, f"`{option}`", "the teacher")
     if cache.teacher.weights_sha256 != teacher.weights_sha256 and needs_maps:
-        raise AttncacheError(f"{flag} {cache.root}: made by other teacher weights "
+        raise AttncacheError(f"{named}: made by other teacher weights "
                              f"({cache.teacher.weights_sha256[:12]} vs {teacher.weights_sha256[:12]})")
     if not needs_maps:
         return
     missing = [i for i in layers if i not in cache.layers]
     if missing:
-        raise AttncacheError(f"{flag} {cache.root}: holds layers {cache.layers}, --mode {mode.name} needs {layers} "
-                             f"(missing {missing}); pass --layers or extract with --layers covering them")
+        raise AttncacheError(f"{named}: holds layers {cache.layers}, `mode` {mode.name} needs {layers} "
+                             f"(missing {missing}); pass `layers`, or extract a cache with those layers")
     if mode.targets == "probs" and cache.codec.query_rows != "all":
-        raise AttncacheError(f"{flag} {cache.root}: codec {cache.codec.name!r} keeps only [CLS]-query rows; "
-                             f"--mode {mode.name} needs whole maps (extract with --codec fp16, qk, lowrank, sqrtq "
-                             "or logq)")
+        raise AttncacheError(f"{named}: codec {cache.codec.name!r} keeps only [CLS]-query rows; `mode` "
+                             f"{mode.name} needs whole maps (extract with codec fp16, qk, lowrank, sqrtq or logq)")
     if mode.targets == "cls_logits" and cache.decodes_to != "logits":
-        raise AttncacheError(f"{flag} {cache.root}: holds softmax probabilities; --mode {mode.name} regularises "
-                             "attention logits (extract with --codec qk, lowrank or cls, or --payload logits)")
+        raise AttncacheError(f"{named}: holds softmax probabilities; `mode` {mode.name} regularises attention "
+                             "logits (extract with codec qk, lowrank or cls, or payload logits)")
 
 
 def train(cfg: TrainConfig) -> dict:

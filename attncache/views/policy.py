@@ -48,19 +48,19 @@ class Augmentation:
         if self.randaugment is not None:
             parse_randaugment(self.randaugment)  # now: a bad string is an option error
         if not 0 <= self.erase_prob <= 1:
-            raise AttncacheError(f"--erase-prob {self.erase_prob}: expected 0..1")
+            raise AttncacheError(f"`erase_prob` {self.erase_prob}: expected 0..1")
         if self.erase_mode not in ("pixel", "const"):
-            raise AttncacheError(f"--erase-mode {self.erase_mode!r}: expected 'pixel' or 'const'")
+            raise AttncacheError(f"`erase_mode` {self.erase_mode!r}: expected 'pixel' or 'const'")
         if not 1 <= self.erase_count <= 16:
-            raise AttncacheError(f"--erase-count {self.erase_count}: expected 1..16")
+            raise AttncacheError(f"`erase_count` {self.erase_count}: expected 1..16")
         for name in ("mixup", "cutmix"):
             if not 0 <= getattr(self, name) <= 100:
-                raise AttncacheError(f"--{name} {getattr(self, name)}: expected an alpha in 0..100 (0: off)")
+                raise AttncacheError(f"`{name}` {getattr(self, name)}: expected an alpha in 0..100 (0: off)")
         for name in ("mix_prob", "mix_switch"):
             if not 0 <= getattr(self, name) <= 1:
-                raise AttncacheError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected 0..1")
+                raise AttncacheError(f"`{name}` {getattr(self, name)}: expected 0..1")
         if not 0 <= self.teacher_drop_path < 1:
-            raise AttncacheError(f"--teacher-drop-path {self.teacher_drop_path}: expected 0 <= p < 1")
+            raise AttncacheError(f"`teacher_drop_path` {self.teacher_drop_path}: expected 0 <= p < 1")
 
     @property
     def enabled(self) -> bool:
@@ -80,12 +80,12 @@ def parse_randaugment(text: str):
     from timm.data.auto_augment import rand_augment_transform
 
     if not isinstance(text, str) or not text.startswith("rand"):
-        raise AttncacheError(f"--randaugment {text!r}: expected a timm RandAugment string like "
+        raise AttncacheError(f"`randaugment` {text!r}: expected a timm RandAugment string like "
                              "'rand-m9-mstd0.5-inc1'")
     try:
         ra = rand_augment_transform(text, {})
     except (AssertionError, ValueError, KeyError) as exc:
-        raise AttncacheError(f"--randaugment {text!r}: not a RandAugment string timm accepts ({exc})") from exc
+        raise AttncacheError(f"`randaugment` {text!r}: not a RandAugment string timm accepts ({exc})") from exc
     return ra.ops, ra.num_layers, ra.choice_weights
 
 
@@ -102,11 +102,11 @@ class ViewPolicy:
 
     def __post_init__(self):
         if self.split not in ("train", "val"):
-            raise AttncacheError(f"--split {self.split!r}: expected 'train' or 'val'")
+            raise AttncacheError(f"`split` {self.split!r}: expected 'train' or 'val'")
         if self.views_per_image < 1:
-            raise AttncacheError(f"--views {self.views_per_image}: must be >= 1")
+            raise AttncacheError(f"`views` {self.views_per_image}: must be >= 1")
         if self.split == "val" and self.views_per_image != 1:
-            raise AttncacheError("--split val uses one deterministic view per image: drop --views")
+            raise AttncacheError("`split` val uses one deterministic view per image: drop `views`")
         if not (0 < self.scale[0] <= self.scale[1] <= 1):
             raise AttncacheError(f"crop scale {self.scale}: expected 0 < min <= max <= 1")
         if not (0 < self.ratio[0] <= self.ratio[1]):
@@ -116,7 +116,7 @@ class ViewPolicy:
         if not (0 < self.crop_pct <= 1):
             raise AttncacheError(f"crop_pct {self.crop_pct}: expected 0 < crop_pct <= 1")
         if self.split == "val" and self.augment.enabled:
-            raise AttncacheError("--split val draws timm's deterministic eval view: augmentation and mixing are "
+            raise AttncacheError("`split` val draws timm's deterministic eval view: augmentation and mixing are "
                                  "for training views")
 
     def to_json(self) -> dict:
