@@ -81,10 +81,7 @@ class TrainedStudent:
         if cache is not None and self.mode.eval_with_maps \
                 and cache.teacher.weights_sha256 != self.teacher.weights_sha256:
             raise AttncacheError(f"`val_cache` {val_cache}: made by other teacher weights than {self.run}'s")
-        try:
-            source = open_source(val_data, "val") if val_data else None
-        except AttncacheError as exc:  # the source names its path as `data`: here it is `val_data`
-            raise type(exc)(str(exc).replace("`data`", "`val_data`", 1)) from exc
+        source = open_source(val_data, "val", option="val_data") if val_data else None
         stream = eval_stream(cache, source, self.teacher, self.spec.num_classes, batch_size,
                              with_maps=self.mode.eval_with_maps)
         if stream is None:

@@ -239,6 +239,8 @@ def test_bad_inputs(tmp_path, tiny_teacher, reg_teacher, image_folder, folder_fp
     fails("needs teacher maps: pass `cache`", cache=None)
     fails("num_heads 2 vs 4", student=tiny_teacher.name, student_args={**tiny_teacher.args, "num_heads": 2})
     fails("does not embed images: pass `data`", data=None)
+    # a val source's errors name the option that gave it, not `data`
+    fails("`val_data` /nonexistent: no such file or directory", mode="distill", val_cache=None, val_data="/nonexistent")
     # an image missing for a cached key, and an image that changed since extraction
     broken = make_image_folder(tmp_path / "broken")
     (broken / "bee" / "b1.png").unlink()

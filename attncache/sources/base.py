@@ -70,6 +70,7 @@ class Source:
     description: str
     classes: list[str]
     streamed: bool = False  # True: images come in one pass, never by key (no mixing partners, no joins)
+    option: str = "data"  # the option that named it (`val_data` for a val set): what its errors name
     _keys: dict[str, int] | None = None
     _hashes: np.ndarray | None = None
 

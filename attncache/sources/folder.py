@@ -9,10 +9,10 @@ from .base import IMAGE_EXTENSIONS, Entry, Source
 
 
 class FolderSource(Source):
-    def __init__(self, root: str | Path, limit: int | None = None):
-        self.root = Path(root)
+    def __init__(self, root: str | Path, limit: int | None = None, option: str = "data"):
+        self.root, self.option = Path(root), option
         if not self.root.is_dir():
-            raise AttncacheError(f"`data` {root}: no such directory")
+            raise AttncacheError(f"`{option}` {root}: no such directory")
         self.description = f"folder:{self.root.name}"
         self.limit = limit
         self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -30,7 +30,7 @@ class FolderSource(Source):
             else:
                 files = [(f.name, -1) for f in sorted(self.root.iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS]
             if not files:
-                raise AttncacheError(f"`data` {self.root}: no images found ({', '.join(IMAGE_EXTENSIONS)})")
+                raise AttncacheError(f"`{self.option}` {self.root}: no images found ({', '.join(IMAGE_EXTENSIONS)})")
             self._listing = files[:self.limit]
         return self._listing
 

@@ -117,8 +117,8 @@ class _Entries(Sequence):
 
 
 class WebDatasetSource(Source):
-    def __init__(self, urls: str, limit: int | None = None):
-        self.urls, self.limit = urls, limit
+    def __init__(self, urls: str, limit: int | None = None, option: str = "data"):
+        self.urls, self.limit, self.option = urls, limit, option
         self.shards = [u for part in urls.split("::") for u in braceexpand(part)]
         self.description = f"webdataset:{urls}"
         self.classes = []
@@ -171,7 +171,7 @@ class WebDatasetSource(Source):
 
     def read_index(self, index: int) -> bytes:
         if self.streamed:
-            raise AttncacheError(f"`data` {self.urls}: a pipe: source has no random access to its images; "
+            raise AttncacheError(f"`{self.option}` {self.urls}: a pipe: source has no random access to its images; "
                                  "extract with format wds and embed_images so the cache carries them")
         m = self._index().members[index]
         shard = int(m["shard"])
@@ -209,7 +209,7 @@ class WebDatasetSource(Source):
             else:
                 listings = self._list_shards()
             if not sum(len(x["offset"]) for _, x in listings):
-                raise AttncacheError(f"`data` {self.urls}: no samples")
+                raise AttncacheError(f"`{self.option}` {self.urls}: no samples")
             self._members = MemberIndex.from_listings(listings, self.limit)
             del listings
             # Saved for the loader workers at once and mapped here too: the pages are then the page cache's,
@@ -258,7 +258,7 @@ class WebDatasetSource(Source):
         except AttncacheError:
             raise
         except (OSError, tarfile.TarError, ValueError) as exc:  # missing shard, broken tar, unreachable URL
-            raise AttncacheError(f"`data` {url}: cannot read webdataset shard ({exc})") from exc
+            raise AttncacheError(f"`{self.option}` {url}: cannot read webdataset shard ({exc})") from exc
 
     def _listing_of(self, url: str, shard: int, read_at, size: int) -> dict:
         try:
@@ -286,8 +286,9 @@ class WebDatasetSource(Source):
                 group["label"] = read()
         for key, group in groups.items():
             if "image" not in group:
-                raise AttncacheError(f"`data` {url}: sample {key!r} has no image field ({', '.join(WDS_IMAGE_FIELDS)})")
-            yield _Member(key, _parse_label(group.get("label"), key, url), shard, *group["image"])
+                raise AttncacheError(f"`{self.option}` {url}: sample {key!r} has no image field "
+                                     f"({', '.join(WDS_IMAGE_FIELDS)})")
+            yield _Member(key, _parse_label(group.get("label"), key, f"`{self.option}` {url}"), shard, *group["image"])
 
     def _stream(self, keep_bytes: bool = True):
         """((key, label), image bytes) in shard order, reading each shard once (pipe: sources)."""
@@ -300,14 +301,14 @@ class WebDatasetSource(Source):
                 key = record["__key__"]
                 field = next((f for f in WDS_IMAGE_FIELDS if f in record), None)
                 if field is None:
-                    raise AttncacheError(f"`data` {self.urls}: sample {key!r} has no image field")
+                    raise AttncacheError(f"`{self.option}` {self.urls}: sample {key!r} has no image field")
                 label_field = next((f for f in WDS_LABEL_FIELDS if f in record), None)
-                label = _parse_label(record[label_field] if label_field else None, key, self.urls)
+                label = _parse_label(record[label_field] if label_field else None, key, f"`{self.option}` {self.urls}")
                 yield (key, label), (record[field] if keep_bytes else b"")
         except AttncacheError:
             raise
         except Exception as exc:  # noqa: BLE001 - the pipe's command failed, a broken tar, ...
-            raise AttncacheError(f"`data` {self.urls}: cannot read webdataset ({exc})") from exc
+            raise AttncacheError(f"`{self.option}` {self.urls}: cannot read webdataset ({exc})") from exc
 
 
 def _return_freed_memory() -> None:
@@ -340,5 +341,5 @@ def _parse_label(raw: bytes | None, key: str, where: str) -> int:
         return -1
     try:
         return int(raw.decode().strip())
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise AttncacheError(f"`data` {where}: sample {key!r} has a label that is not an integer") from exc
+    except (UnicodeDecodeError, ValueError) as exc:  # `where`: the shard as its errors name it (option, URL)
+        raise AttncacheError(f"{where}: sample {key!r} has a label that is not an integer") from exc

@@ -18,7 +18,7 @@ from ..errors import AttncacheError
 PROBE_TIMEOUT_S = 3.0
 
 
-def require_hub(model_name: str, flag: str = "--weights") -> None:
+def require_hub(model_name: str, flag: str = "`teacher.weights`") -> None:
     """Raise AttncacheError at once if `model_name`'s pretrained weights can neither be found locally nor
     downloaded; return silently when timm can load them (or when it is not ours to tell)."""
     from timm.models import get_pretrained_cfg

@@ -40,7 +40,7 @@ def _kind(path: Path) -> str:
     return "unknown"
 
 
-def read_state_dict(path: str | Path, flag: str = "--weights") -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, flag: str = "`teacher.weights`") -> dict[str, torch.Tensor]:
     """Read weights without unpickling arbitrary objects; errors are one line naming the file."""
     path = Path(path)
     where = f"{flag} {path}"

@@ -163,7 +163,7 @@ class Trainer:
         if self.mode.eval_with_maps and self.val_cache is None and self.live_teacher is None:
             raise ConfigError(f"{self.mode.name} mode evaluates with the teacher's maps of the eval views: pass "
                               "`val_cache` (a cache extracted from the val split)")
-        source = open_source(cfg.val_data, "val") if cfg.val_data else None
+        source = open_source(cfg.val_data, "val", option="val_data") if cfg.val_data else None
         return eval_stream(self.val_cache, source, self.teacher, self.num_classes, cfg.batch_size,
                            with_maps=self.mode.eval_with_maps and self.live_teacher is None)
 
