@@ -102,7 +102,9 @@ class ManifestFiles(Mapping):
 def compact(manifest: dict) -> ManifestFiles:
     """Replace a validated manifest's `store.shards` by a `ShardList` (in place); returns the manifest's files."""
     store = manifest["store"]
-    shards = store["shards"] = ShardList(store, manifest["codec"]["fields"])
+    if not isinstance(store["shards"], ShardList):  # (a loader worker's manifest is compact already)
+        store["shards"] = ShardList(store, manifest["codec"]["fields"])
+    shards = store["shards"]
     others = {f["path"]: f for f in store["metadata_files"]}
     others.update({f["path"]: f for f in manifest["files"].values()})
     return ManifestFiles(others, shards)
