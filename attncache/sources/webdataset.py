@@ -10,9 +10,12 @@ key (extract such data with --embed-images, and the cache carries the images).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import shutil
 import tarfile
+import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ import numpy as np
 from braceexpand import braceexpand
 
 from ..errors import AttncacheError
+from ..files import FileLock
 from ..store.fs import is_url, node_mirror_dir
 from .base import Entry, Source
 from .tar_index import NodeMemo, Unsupported, local_reader, walk
@@ -127,24 +131,8 @@ class WebDatasetSource(Source):
         self._shared: str | None = None  # the folder the index was saved in for this process's workers
         self._files: dict[tuple[int, int], object] = {}  # open shard files of this process (never pickled)
 
-    def __getstate__(self):
-        state = {**self.__dict__, "_files": {}, "_members": None}
-        if self._members is not None:
-            state["_shared"] = self._share()
-        return state
-
-    def _share(self) -> str:
-        """Save the index once, into a folder removed when this process exits, for workers to memory-map."""
-        if self._shared is None:
-            import atexit
-            import shutil
-            import tempfile
-
-            folder = tempfile.mkdtemp(prefix="attncache-wds-index-")
-            self._members.save(Path(folder))
-            atexit.register(shutil.rmtree, folder, True)
-            self._shared = folder
-        return self._shared
+    def __getstate__(self):  # a worker maps the folder this process mapped (`_shared`), if it listed already
+        return {**self.__dict__, "_files": {}, "_members": None}
 
     def entries(self) -> Sequence[Entry]:
         """The listing as a sequence whose entries are made when indexed (the index's arrays are the listing:
@@ -200,23 +188,58 @@ class WebDatasetSource(Source):
     # -- listing ----------------------------------------------------------------------------------------------
 
     def _index(self) -> MemberIndex:
-        if self._members is None and self._shared is not None:  # a worker: the main process's index, mapped
-            self._members = MemberIndex.load(Path(self._shared))
         if self._members is None:
-            if self.streamed:
-                members = [_Member(key, label, 0, 0, 0) for (key, label), _ in self._stream(keep_bytes=False)]
-                listings = [(0, _listing(members[:self.limit] if self.limit is not None else members))]
-            else:
-                listings = self._list_shards()
-            if not sum(len(x["offset"]) for _, x in listings):
-                raise AttncacheError(f"`{self.option}` {self.urls}: no samples")
-            self._members = MemberIndex.from_listings(listings, self.limit)
-            del listings
-            # Saved for the loader workers at once and mapped here too: the pages are then the page cache's,
-            # shared by this process and its workers, not this process's own memory (94 MB for ImageNet).
-            self._members = MemberIndex.load(Path(self._share()))
+            if self._shared is None:
+                self._shared = str(self._index_folder())
+            # Mapped, never held: the pages are the page cache's, shared by every process that maps them.
+            self._members = MemberIndex.load(Path(self._shared))
             _return_freed_memory()
         return self._members
+
+    def _build_index(self) -> MemberIndex:
+        if self.streamed:
+            members = [_Member(key, label, 0, 0, 0) for (key, label), _ in self._stream(keep_bytes=False)]
+            listings = [(0, _listing(members[:self.limit] if self.limit is not None else members))]
+        else:
+            listings = self._list_shards()
+        if not sum(len(x["offset"]) for _, x in listings):
+            raise AttncacheError(f"`{self.option}` {self.urls}: no samples")
+        return MemberIndex.from_listings(listings, self.limit)
+
+    def _index_folder(self) -> Path:
+        """Where the index is mapped from. Local shards: the node's copy, kept beside the shards' listings and named
+        by every shard's identity (path, size, mtime) and the limit, built by the first process that needs it:
+        every rank of the node and their workers map one copy (94 MB for ImageNet, where each rank built and held
+        its own), and a later run reads no listing. Otherwise (remote or streamed shards, or a node folder that
+        cannot be written): this process's own folder, removed when it exits."""
+        node = self._node_folder()
+        if node is None:
+            return _private_folder(self._build_index())
+        with FileLock(node.with_name(node.name + ".lock"), best_effort=True):
+            if all((node / f"{name}.npy").is_file() for name in MemberIndex.NAMES):
+                return node
+            index = self._build_index()
+            tmp = None
+            try:
+                tmp = Path(tempfile.mkdtemp(dir=node.parent, prefix=".partial-"))
+                index.save(tmp)
+                os.replace(tmp, node)  # whole or not at all
+                return node
+            except OSError:  # a full or read-only disk: the node's copy is an optimisation, never a failure
+                if tmp is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                return _private_folder(index)
+
+    def _node_folder(self) -> Path | None:
+        if self.streamed or any(is_url(u) for u in self.shards):
+            return None
+        try:
+            paths = [u.removeprefix("file://") for u in self.shards]
+            identity = "\n".join(f"{os.path.realpath(p)}:{(st := os.stat(p)).st_size}:{st.st_mtime_ns}"
+                                 for p in paths) + f"\nlimit={self.limit}"
+        except OSError:
+            return None  # a missing shard: named when it is listed
+        return node_mirror_dir() / "wds-index" / f"all-{hashlib.sha256(identity.encode()).hexdigest()[:32]}"
 
     def _list_shards(self) -> list[tuple[int, dict]]:
         """Every shard's listing, in shard order. Without a limit each process starts at a shard of its own (by
@@ -309,6 +332,16 @@ class WebDatasetSource(Source):
             raise
         except Exception as exc:  # noqa: BLE001 - the pipe's command failed, a broken tar, ...
             raise AttncacheError(f"`{self.option}` {self.urls}: cannot read webdataset ({exc})") from exc
+
+
+def _private_folder(index: MemberIndex) -> Path:
+    """`index` saved into a folder of this process's, removed when it exits (its loader workers map it)."""
+    import atexit
+
+    folder = Path(tempfile.mkdtemp(prefix="attncache-wds-index-"))
+    index.save(folder)
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 def _return_freed_memory() -> None:
