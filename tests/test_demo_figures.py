@@ -51,6 +51,7 @@ def test_readme_table_is_complete_and_its_tolerances_can_fail():
 
 
 @pytest.mark.long
+@pytest.mark.timeout(1800)  # 3 seeds of the whole demo: ~4 min on 2 quiet cores, over 10 min on a loaded machine
 def test_demo_prints_the_readme_figures(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo")], catch_exceptions=False)
     assert result.exit_code == 0, result.output
