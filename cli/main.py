@@ -270,7 +270,7 @@ def train(
     storage_option: StorageOption = [],  # noqa: B006
     cache_dir: CacheDir = None,
     student: str | None = typer.Option(FROM_CONFIG, help="timm name (default: the teacher's architecture)"),
-    student_arg: list[str] = typer.Option([], "--student-arg", help="timm kwarg KEY=VALUE for --student"),
+    student_args: list[str] = typer.Option([], "--student-arg", help="timm kwarg KEY=VALUE for --student"),
     teacher: OptionalTeacher = FROM_CONFIG,
     weights: Weights = FROM_CONFIG,
     pretrained: Pretrained = FROM_CONFIG,
@@ -310,7 +310,7 @@ def train(
     options = dict(
         mode=mode.value if mode else None, out=str(out), cache=cache, data=data, val_cache=val_cache,
         val_data=val_data, storage_options=storage_options(storage_option, cache_dir), student=student,
-        student_args=parse_kwargs(student_arg, "--student-arg"),
+        student_args=parse_kwargs(student_args, "--student-arg"),
         teacher=teacher_options(teacher, weights, pretrained, image_size, teacher_arg), layers=layers,
         epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, weight_decay=weight_decay,
         layer_decay=layer_decay, beta2=beta2, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,

@@ -363,6 +363,8 @@ def test_a_recipe_presets_options_both_commands_take():
     (["train", "--mode", "gta", "--cache", "c", "--no-pretrained"], "--mode gta starts from the teacher's "
                                                                     "weights: pass --weights (or turn --pretrained on"),
     (["train", "--data", "demo"], "pass --mode (copy, distill, gta, scratch, finetune) or --recipe"),
+    (["train", "--mode", "copy", "--cache", "c", "--student-arg", "depth=2"],
+     "--student-arg ['depth'] without --student: the default student is the teacher's architecture"),
     (["train", "--recipe", "at-copi"], "--recipe 'at-copi': expected one of ['at-copy', 'at-distill']"),
     (["extract", "--teacher", "demo", "--data", "demo", "--shard-records", "0"], "--shard-records 0: must be >= 1"),
     (["extract", "--teacher", "demo", "--data", "demo", "--num-shards", "2", "--shard-index", "2"],

@@ -238,6 +238,11 @@ def test_bad_inputs(tmp_path, tiny_teacher, reg_teacher, image_folder, folder_fp
     fails("`layer_decay` 1.5", layer_decay=1.5)
     fails("needs teacher maps: pass `cache`", cache=None)
     fails("num_heads 2 vs 4", student=tiny_teacher.name, student_args={**tiny_teacher.args, "num_heads": 2})
+    # arguments that would be lost without a word: timm drops None kwargs (init_values=None keeps LayerScale on),
+    # and without `student` the student is the teacher's architecture with the teacher's args
+    fails(r"`student_args` \['depth'\] without `student`", student_args={"depth": 1})
+    fails("`student_args` init_values=None: timm drops arguments set to None", student=tiny_teacher.name,
+          student_args={**tiny_teacher.args, "init_values": None})
     fails("does not embed images: pass `data`", data=None)
     # a val source's errors name the option that gave it, not `data`
     fails("`val_data` /nonexistent: no such file or directory", mode="distill", val_cache=None, val_data="/nonexistent")

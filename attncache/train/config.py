@@ -57,6 +57,19 @@ class TrainConfig:
     tensorboard: bool = True  # RUN/tensorboard/ event files mirroring metrics.jsonl (needs the tensorboard package)
 
 
+def check_student_args(cfg: TrainConfig) -> None:
+    """Arguments that would be silently lost: without `student` the student is the teacher's architecture (with the
+    teacher's args), and timm.create_model drops keyword arguments whose value is None (`init_values=None` would
+    leave LayerScale on)."""
+    if cfg.student_args and cfg.student is None:
+        raise ConfigError(f"`student_args` {sorted(cfg.student_args)} without `student`: the default student is the "
+                          "teacher's architecture with the teacher's args; name the `student` they are for")
+    unset = sorted(k for k, v in cfg.student_args.items() if v is None)
+    if unset:
+        raise ConfigError(f"`student_args` {unset[0]}=None: timm drops arguments set to None, so the model would "
+                          "keep its default; pass a value (init_values=0 turns LayerScale off)")
+
+
 def check_options(cfg: TrainConfig) -> None:
     mode = get_mode(cfg.mode)
     for name in ("epochs", "batch_size", "log_every", "max_steps", "save_every"):
@@ -70,6 +83,7 @@ def check_options(cfg: TrainConfig) -> None:
         raise ConfigError(f"`layer_decay` {cfg.layer_decay}: expected 0 < decay <= 1")
     if cfg.ema is not None and not 0 < cfg.ema < 1:
         raise ConfigError(f"`ema` {cfg.ema}: expected a decay in (0, 1)")
+    check_student_args(cfg)
     parse_device(cfg.device, "`device`")
     if cfg.teacher.name is None and cfg.teacher.weights is not None and not mode.starts_from_teacher:
         raise ConfigError(f"`teacher.weights` without `teacher.name`: `mode` {cfg.mode} takes the teacher's maps "
