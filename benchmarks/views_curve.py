@@ -367,7 +367,9 @@ def plot(results: dict, path: Path) -> None:
 
     g, ks = arms(results), results["views"]
     colours = {"copy": "tab:blue", "distill": "tab:orange", "scratch": "tab:gray"}
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1.3, 1, 1]})
+    modes = [m for m in MODES if any(mode == m for mode, _ in g)]  # a recipe's curve has one
+    fig, axes = plt.subplots(1, 1 + len(modes), figsize=(5 + 5 * len(modes), 4.2),
+                             gridspec_kw={"width_ratios": [1.3] + [1] * len(modes)})
     ax = axes[0]
     for mode in MODES:
         done = [k for k in ks if g.get((mode, k))]
@@ -392,9 +394,11 @@ def plot(results: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     # the curves: val top-1 per epoch for the smallest and largest K, live, and scratch
-    for ax, mode in zip(axes[1:], MODES, strict=True):
-        for key, style in [((mode, ks[0]), ":"), ((mode, ks[len(ks) // 2]), "-."), ((mode, ks[-1]), "-"),
-                           ((mode, LIVE), "--"), (("scratch", LIVE), "--")]:
+    for ax, mode in zip(axes[1:], modes, strict=True):
+        # dict: K's named twice (two K measured: the middle one is the last) are drawn once
+        styles = {(mode, ks[0]): ":", (mode, ks[len(ks) // 2]): "-.", (mode, ks[-1]): "-", (mode, LIVE): "--",
+                  ("scratch", LIVE): "--"}
+        for key, style in styles.items():
             runs = [r for r in g.get(key, []) if r["curve"]]
             if not runs:
                 continue
