@@ -6,7 +6,7 @@
         --arms fp16 inputs_klt:step=0.3 inputs_klt:step=1.2 inputs_klt:step=5 inputs_klt:step=0.07@0
     python benchmarks/compression_drop.py ... --report-only          # the table from what is finished
     python benchmarks/compression_drop.py --teacher dinov2 --weights W --image-size 112 --subset 300 --views 4 \
-        --val 1000 --out /tmp/cdrop_dino --arms fp16 inputs_klt:step=0.3 inputs_klt:step=0.6 inputs_klt:step=1.2
+        --val 1000 --out /tmp/cdrop_dino --arms fp16 inputs_klt:step=0.3 inputs_klt:step=0.6
 
 The setting of fashion_mnist.py's "compact caches downstream" check: its own teacher (a finished `teacher_run`,
 reused as is), its 1,000-image class-balanced training subset (5 views per image), the first `--val` test images,
@@ -32,7 +32,6 @@ import argparse
 import fcntl
 import json
 import os
-import statistics
 import sys
 import time
 from contextlib import contextmanager
@@ -47,7 +46,9 @@ from fashion_mnist import (  # noqa: E402
     OWN_TEACHER,
     curve,
     dinov2_teacher,
+    mean_std,
     narrow_student,
+    paired,
     prepare_data,
 )
 
@@ -229,16 +230,15 @@ class CompressionDrop:
     def row(self, arm: str, s: dict | None, runs: list[dict], reference: dict[int, float]) -> str:
         acc = [r["val_top1"] for r in runs]
         n = "" if len(acc) == len(self.args.seeds) else f" (n = {len(acc)})"
-        cell = f"{statistics.mean(acc):.1f} ± {statistics.stdev(acc) if len(acc) > 1 else 0:.1f}{n}" if acc else "-"
+        cell = f"{mean_std(acc)}{n}" if acc else "-"
         per_seed = ", ".join(f"{x:.1f}" for x in acc)
-        d = [r["val_top1"] - reference[r["seed"]] for r in runs if r["seed"] in reference]
-        paired = "" if arm == "fp16" or not d else (
-            f"{round(statistics.mean(d), 1) + 0.0:+.1f} ± {statistics.stdev(d) if len(d) > 1 else 0:.1f} ({len(d)})")
+        minus_fp16 = "" if arm == "fp16" else paired([r["val_top1"] - reference[r["seed"]] for r in runs
+                                                         if r["seed"] in reference])
         if not s:
-            return f"| `{arm}` | | | | | | | {cell} | {per_seed} | {paired} |"
+            return f"| `{arm}` | | | | | | | {cell} | {per_seed} | {minus_fp16} |"
         return (f"| `{arm}` | {len(s['layers'])} | {s['ratio_vs_raw_fp16_reference_layers']:.2f}x | "
                 f"{s['ratio_vs_raw_fp16_own_layers']:.2f}x | {s['bytes_per_view']:,} | {s['kl_mean']:.1e} | "
-                f"{s['kl_p99']:.1e} | {cell} | {per_seed} | {paired} |")
+                f"{s['kl_p99']:.1e} | {cell} | {per_seed} | {minus_fp16} |")
 
 
 @contextmanager

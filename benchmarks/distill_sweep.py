@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fashion_mnist import DINOV2, LR, curve, parse_resumable  # noqa: E402
+from fashion_mnist import DINOV2, LR, curve, mean_std, paired, parse_resumable  # noqa: E402
 
 from attncache.extract import ExtractConfig, extract  # noqa: E402
 from attncache.teacher import TeacherOptions  # noqa: E402
@@ -151,14 +150,12 @@ def table(results: dict) -> str:
             continue
         seeds = by_arm[arm]
         v = list(seeds.values())
-        std = statistics.stdev(v) if len(v) > 1 else 0.0
         d = [seeds[k] - base[k] for k in seeds if k in base]
-        paired = (f"{statistics.mean(d):+.1f} ± {statistics.stdev(d) if len(d) > 1 else 0.0:.1f} ({len(d)})"
-                  if d and arm != "base" else "")
+        minus_base = paired(d) if arm != "base" else ""
         mode, changes, student_args = ARMS[arm]
         what = ", ".join([mode] + [f"{k}={v}" for k, v in {**changes, **student_args}.items()])
         per_seed = ", ".join(f"s{k}: {seeds[k]:.1f}" for k in sorted(seeds))
-        lines.append(f"| {arm} | {what} | {statistics.mean(v):.1f} ± {std:.1f} ({len(v)}) | {per_seed} | {paired} |")
+        lines.append(f"| {arm} | {what} | {mean_std(v)} ({len(v)}) | {per_seed} | {minus_base} |")
     return "\n".join(lines) + "\n"
 
 

@@ -313,6 +313,15 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {std:.1f}"
 
 
+def paired(diffs: list[float]) -> str:
+    """Arm minus reference per seed (the same seed: the same student init and batch order), as "+m ± s (n)"; ""
+    with none."""
+    if not diffs:
+        return ""
+    std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    return f"{round(statistics.mean(diffs), 1) + 0.0:+.1f} ± {std:.1f} ({len(diffs)})"  # + 0.0: no "-0.0"
+
+
 def tables(results: dict) -> str:
     lines = []
     if "own_teacher" in results:

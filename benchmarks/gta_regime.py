@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fashion_mnist import DINOV2, curve, parse_resumable, prepare_data  # noqa: E402
+from fashion_mnist import DINOV2, curve, mean_std, paired, parse_resumable, prepare_data  # noqa: E402
 
 from attncache.extract import ExtractConfig, extract  # noqa: E402
 from attncache.teacher import TeacherOptions  # noqa: E402
@@ -128,14 +127,12 @@ def table(results: dict, data: Path) -> str:
     for n, lam in sorted(cells):
         seeds, base = cells[(n, lam)], cells.get((n, 0.0), {})
         v = list(seeds.values())
-        std = statistics.stdev(v) if len(v) > 1 else 0.0
         d = [seeds[s] - base[s] for s in seeds if s in base]
-        paired = (f"{statistics.mean(d):+.1f} ± {statistics.stdev(d) if len(d) > 1 else 0.0:.1f} ({len(d)})"
-                  if d and lam else "")
+        minus_finetune = paired(d) if lam else ""
         share = f"{images(data, n)} ({100 * images(data, n) / results['full']:.1f} %)"
         arm = "finetune" if lam == 0 else f"GTA λ = {lam:g}"
         per_seed = ", ".join(f"{seeds[s]:.1f}" for s in sorted(seeds))
-        lines.append(f"| {share} | {arm} | {statistics.mean(v):.1f} ± {std:.1f} ({len(v)}) | {per_seed} | {paired} |")
+        lines.append(f"| {share} | {arm} | {mean_std(v)} ({len(v)}) | {per_seed} | {minus_finetune} |")
     lines += ["", "Training wall time per subset: " + ", ".join(f"{images(data, n)} images {s / 60:.0f} min"
                                                                  for n, s in sorted(walls.items()))]
     return "\n".join(lines) + "\n"

@@ -58,7 +58,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fashion_mnist import DINOV2, LR, OWN_TEACHER, Benchmark, curve, parse_resumable, prepare_data  # noqa: E402
+from fashion_mnist import (  # noqa: E402
+    DINOV2,
+    LR,
+    OWN_TEACHER,
+    Benchmark,
+    curve,
+    paired,
+    parse_resumable,
+    prepare_data,
+)
 
 from attncache.extract import extract  # noqa: E402
 from attncache.files import atomic_write_json  # noqa: E402
@@ -339,12 +348,8 @@ def table(results: dict) -> str:
               "", "| mode | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
     for mode in MODES:
         live = {r["seed"]: r["val_top1"] for r in g.get((mode, LIVE), [])}
-        cells = []
-        for k in ks:
-            d = [r["val_top1"] - live[r["seed"]] for r in g.get((mode, k), []) if r["seed"] in live]
-            std = statistics.stdev(d) if len(d) > 1 else 0.0
-            mean = round(statistics.mean(d), 1) + 0.0 if d else 0.0  # + 0.0: no "-0.0"
-            cells.append(f"{mean:+.1f} ± {std:.1f} ({len(d)})" if d else "-")
+        cells = [paired([r["val_top1"] - live[r["seed"]] for r in g.get((mode, k), []) if r["seed"] in live]) or "-"
+                 for k in ks]
         if live:
             lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     w = results["wall_s"]
